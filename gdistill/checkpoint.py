@@ -1,0 +1,89 @@
+"""Orbax checkpoints: one manager per training phase under ``workdir/checkpoints``.
+
+Each phase (``teacher``, ``stage1``, ``stage2_n0032``, ...) keeps its own
+directory, so a later phase never overwrites an earlier one's final model.
+Every checkpoint holds the full train state and a JSON ``meta`` item that says
+what the network is (architecture, parameterisation, student step count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit this config."""
+
+
+def phase_dir(workdir: str, phase: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, phase)
+
+
+def manager(directory: str, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)))
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores the state at ``step`` with the shardings of ``abstract_state``."""
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  return out.state
+
+
+def read_meta(directory: str, step: Optional[int] = None) -> dict:
+  mgr = manager(directory, create=False)
+  step = mgr.latest_step() if step is None else step
+  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def latest_complete(directory: str) -> Optional[int]:
+  """The latest step saved in ``directory``, or None if it holds none."""
+  if not os.path.isdir(directory):
+    return None
+  return manager(directory, create=False).latest_step()
+
+
+def load_eval_params(directory: str, abstract_params, *, expect: Optional[dict] = None):
+  """Loads the sampling parameters (EMA if kept) of the latest checkpoint in ``directory``.
+
+  Args:
+    directory: a phase directory (``.../checkpoints/teacher``).
+    abstract_params: ``jax.ShapeDtypeStruct`` tree (with shardings) the parameters must fit.
+    expect: meta entries that must match (e.g. the model section); a mismatch
+      raises CheckpointError naming the path, the key and both values.
+  Returns:
+    (params, meta).
+  """
+  step = latest_complete(directory)
+  if step is None:
+    raise CheckpointError(f'checkpoint {directory}: no checkpoint found there '
+                          f'(expected a phase directory such as WORKDIR/checkpoints/teacher)')
+  meta = read_meta(directory, step)
+  for key, want in (expect or {}).items():
+    have = meta.get(key)
+    if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+      raise CheckpointError(f'checkpoint {directory}: {key}={have} does not match this '
+                            f'config\'s {key}={want}')
+  which = 'ema_params' if meta.get('has_ema') else 'params'
+  mgr = manager(directory, create=False)
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={which: abstract_params},
+          restore_args={which: jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                             dtype=a.dtype), abstract_params)},
+          partial_restore=True)))
+  return restored.state[which], meta

@@ -1,0 +1,101 @@
+"""Checks the whole config up front; every error names the key, the value and
+what was expected."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from gdistill import diffusion, sharding
+from gdistill.models import unet
+
+KNOWN_STAGES = ('teacher', 'stage1', 'stage2', 'eval', 'translate')
+PRECISIONS = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work."""
+
+
+def _err(key, value, expected):
+  raise ConfigError(f'{key}={value!r}: expected {expected}')
+
+
+def _positive_int(key, value):
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    _err(key, value, 'a positive integer')
+
+
+def validate(config, *, image_shape: Optional[Sequence[int]] = None,
+             num_devices: Optional[int] = None, num_processes: int = 1) -> None:
+  """Raises ConfigError for the first value that cannot work.
+
+  Args:
+    config: the experiment ConfigDict.
+    image_shape: (H, W, C) of the dataset, once known; checks the U-Net can
+      downsample it.
+    num_devices: devices of the mesh, once known; checks batch sizes split.
+    num_processes: JAX processes; batch sizes must split over them too.
+  """
+  stages = tuple(config.stages)
+  for s in stages:
+    if s not in KNOWN_STAGES:
+      _err('stages', stages, f'names from {KNOWN_STAGES}')
+  order = [KNOWN_STAGES.index(s) for s in stages]
+  if order != sorted(order) or len(set(stages)) != len(stages):
+    _err('stages', stages, f'each at most once, in the order {KNOWN_STAGES}')
+  if config.sharding not in sharding.STRATEGIES:
+    _err('sharding', config.sharding, f'one of {sharding.STRATEGIES}')
+  if config.precision not in PRECISIONS:
+    _err('precision', config.precision, f'one of {PRECISIONS}')
+  if config.diffusion.mean_type not in diffusion.MEAN_TYPES:
+    _err('diffusion.mean_type', config.diffusion.mean_type, f'one of {diffusion.MEAN_TYPES}')
+  if config.diffusion.weighting not in diffusion.LOSS_WEIGHTINGS:
+    _err('diffusion.weighting', config.diffusion.weighting,
+         f'one of {diffusion.LOSS_WEIGHTINGS}')
+  if config.model.size not in unet.SIZES:
+    _err('model.size', config.model.size, f'one of {sorted(unet.SIZES)}')
+  if not config.data.name:
+    _err('data.name', config.data.name, 'a dataset name such as fashion_mnist or cifar10')
+
+  w_min, w_max = config.guidance.w_min, config.guidance.w_max
+  if w_min < 0:
+    _err('guidance.w_min', w_min, 'w_min >= 0 (w = 0 is the conditional model)')
+  if w_max < w_min:
+    _err('guidance.w_max', w_max, f'w_max >= guidance.w_min={w_min}')
+
+  for phase in ('teacher', 'stage1', 'stage2'):
+    p = config[phase]
+    _positive_int(f'{phase}.num_steps', p.num_steps)
+    _positive_int(f'{phase}.batch_size', p.batch_size)
+    _positive_int(f'{phase}.checkpoint_every', p.checkpoint_every)
+    if not p.learning_rate > 0:
+      _err(f'{phase}.learning_rate', p.learning_rate, 'a positive number')
+    if p.lr_decay not in ('constant', 'linear'):
+      _err(f'{phase}.lr_decay', p.lr_decay, '"constant" or "linear"')
+    if not 0.0 <= p.ema_decay < 1.0:
+      _err(f'{phase}.ema_decay', p.ema_decay, 'a number in [0, 1)')
+    if not (isinstance(p.warmup_steps, int) and p.warmup_steps >= 0):
+      _err(f'{phase}.warmup_steps', p.warmup_steps, 'an integer >= 0')
+    divisor = num_devices or 1
+    if p.batch_size % divisor or p.batch_size % num_processes:
+      _err(f'{phase}.batch_size', p.batch_size,
+           f'a multiple of the number of devices ({divisor}) and processes ({num_processes})')
+  if not 0.0 <= config.teacher.p_uncond < 1.0:
+    _err('teacher.p_uncond', config.teacher.p_uncond, 'a probability in [0, 1)')
+
+  start, smallest = config.stage2.start_steps, config.stage2.min_steps
+  for key, v in (('stage2.start_steps', start), ('stage2.min_steps', smallest)):
+    if not isinstance(v, int) or v < 1 or v & (v - 1):
+      _err(key, v, 'a power of two')
+  if start < 2 * smallest:
+    _err('stage2.start_steps', start, f'at least 2 * stage2.min_steps = {2 * smallest}')
+  if config.stage2.time_grid not in ('deterministic', 'both'):
+    _err('stage2.time_grid', config.stage2.time_grid, '"deterministic" or "both"')
+
+  if image_shape is not None:
+    h, w = image_shape[0], image_shape[1]
+    factor = 2 ** (len(config.model.ch_mult) - 1)
+    if h % factor or w % factor:
+      _err('model.ch_mult', tuple(config.model.ch_mult),
+           f'{len(config.model.ch_mult) - 1} halvings that divide the image size {h}x{w} '
+           f'(it must be divisible by {factor}); use fewer levels or another dataset')

@@ -1,0 +1,35 @@
+"""Command line: ``python -m gdistill.main --config=configs/X.py --workdir=DIR``.
+
+Overrides: ``--config.teacher.num_steps=100``. Rerunning resumes from the
+workdir's checkpoints.
+"""
+
+from gdistill import cli_setup  # sets XLA_FLAGS before JAX starts; pylint: disable=unused-import
+
+import sys  # pylint: disable=g-import-not-at-top
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gdistill import cli_setup as _cli
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples, logs.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    _cli.fail('--config and --workdir are required, e.g. '
+              '--config=configs/fashion_mnist.py --workdir=runs/fashion_mnist')
+  config = _CONFIG.value
+  _cli.maybe_initialize_distributed(config)
+  from gdistill.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  with _cli.user_errors():
+    train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_cli.parse_flags)

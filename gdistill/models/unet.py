@@ -1,0 +1,189 @@
+"""U-Net denoiser with class, log-SNR and (optionally) guidance-weight inputs.
+
+Follows the architecture of the progressive-distillation code (a DDPM U-Net):
+residual blocks with scale/shift conditioning, self-attention at chosen
+resolutions, zero-initialised output layers. The class table has
+``num_classes + 1`` rows; row ``num_classes`` is the null label used for the
+unconditional branch of classifier-free guidance.
+
+The optional ``w`` branch (Fourier features of the guidance weight, then an MLP
+whose last layer is zero-initialised) is added to the conditioning embedding,
+so a stage-1 student built from a teacher starts out equal to the conditional
+teacher.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+zeros_init = nn.initializers.zeros
+
+
+def sinusoidal_embedding(x, dim: int, max_period: float = 10000.0):
+  """Sinusoidal features of a [B] float, shape [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  args = x.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def logsnr_to_time_input(logsnr):
+  """Maps lambda in [-20, 20] to [0, 1000], as the PD code feeds the U-Net."""
+  return 1000.0 * jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20.0, 20.0))) / (0.5 * jnp.pi)
+
+
+def _groups(channels: int) -> int:
+  return math.gcd(32, channels)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-swish-conv x2 with FiLM (scale, shift) from the embedding."""
+  out_ch: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, *, train: bool):
+    B, H, W, C = x.shape  # [B, H, W, C]
+    h = nn.swish(nn.GroupNorm(_groups(C), name='norm1')(x))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv1')(h)
+    scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype, name='temb_proj')(nn.swish(emb))
+    scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
+    h = nn.GroupNorm(_groups(self.out_ch), name='norm2')(h) * (1.0 + scale) + shift
+    h = nn.swish(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=zeros_init, name='conv2')(h)
+    if C != self.out_ch:
+      x = nn.Dense(self.out_ch, dtype=self.dtype, name='nin_shortcut')(x)
+    assert x.shape == h.shape == (B, H, W, self.out_ch), (x.shape, h.shape)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention with a zero-initialised projection."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    B, H, W, C = x.shape
+    h = nn.GroupNorm(_groups(C), name='norm')(x)
+    qkv = nn.Dense(3 * C, dtype=self.dtype, name='qkv')(h).reshape(B, H * W, 3, C)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum('bqc,bkc->bqk', q, k) / math.sqrt(C)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum('bqk,bkc->bqc', attn, v).reshape(B, H, W, C)
+    return x + nn.Dense(C, dtype=self.dtype, kernel_init=zeros_init, name='proj_out')(h)
+
+
+class UNet(nn.Module):
+  """Class-conditional U-Net; output in the configured parameterisation.
+
+  Attributes:
+    num_classes: K; labels take values in {0..K}, K is the null label.
+    out_ch: image channels.
+    ch: base channel count; level i has ``ch * ch_mult[i]`` channels.
+    ch_mult: channel multiplier per resolution level.
+    num_res_blocks: residual blocks per level.
+    attn_resolutions: spatial sizes (height) at which attention is applied.
+    dropout: dropout rate inside residual blocks.
+    use_w: add the guidance-weight input branch (stage-1/2 students).
+    w_embed_scale: w is multiplied by this before its Fourier features.
+    dtype: compute dtype (parameters stay float32).
+  """
+  num_classes: int
+  out_ch: int
+  ch: int = 64
+  ch_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (7,)
+  dropout: float = 0.1
+  use_w: bool = False
+  w_embed_scale: float = 250.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, logsnr, label, w: Optional[jax.Array] = None, *, train: bool = False):
+    """z: [B, H, W, C]; logsnr: [B]; label: [B] int; w: [B] or None -> [B, H, W, C]."""
+    B, H, W, C = z.shape
+    assert logsnr.shape == (B,) and label.shape == (B,), (logsnr.shape, label.shape)
+    temb_dim = 4 * self.ch
+    emb = sinusoidal_embedding(logsnr_to_time_input(logsnr), self.ch)
+    emb = nn.Dense(temb_dim, name='temb_dense0')(emb)
+    emb = nn.Dense(temb_dim, name='temb_dense1')(nn.swish(emb))
+    emb = emb + nn.Embed(self.num_classes + 1, temb_dim, name='class_embed')(label)
+    if self.use_w:
+      if w is None:
+        raise ValueError('this U-Net has use_w=True: pass the guidance weight w')
+      wemb = sinusoidal_embedding(self.w_embed_scale * w, self.ch)
+      wemb = nn.Dense(temb_dim, name='w_dense0')(wemb)
+      wemb = nn.Dense(temb_dim, kernel_init=zeros_init, name='w_dense1')(nn.swish(wemb))
+      emb = emb + wemb
+    elif w is not None:
+      raise ValueError('this U-Net has use_w=False but a guidance weight w was passed')
+    emb = emb.astype(self.dtype)
+
+    block = functools.partial(ResnetBlock, dropout=self.dropout, dtype=self.dtype)
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z.astype(self.dtype))
+    hs = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = block(self.ch * mult, name=f'down_{level}_block_{i}')(h, emb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(dtype=self.dtype, name=f'down_{level}_attn_{i}')(h)
+        hs.append(h)
+      if level != len(self.ch_mult) - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
+                    name=f'down_{level}_downsample')(h)
+        hs.append(h)
+
+    h = block(h.shape[-1], name='mid_block_0')(h, emb, train=train)
+    h = AttnBlock(dtype=self.dtype, name='mid_attn')(h)
+    h = block(h.shape[-1], name='mid_block_1')(h, emb, train=train)
+
+    for level, mult in reversed(list(enumerate(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = block(self.ch * mult, name=f'up_{level}_block_{i}')(h, emb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(dtype=self.dtype, name=f'up_{level}_attn_{i}')(h)
+      if level != 0:
+        b, hh, ww, c = h.shape
+        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method='nearest')
+        h = nn.Conv(c, (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
+    assert not hs
+
+    h = nn.swish(nn.GroupNorm(_groups(h.shape[-1]), name='norm_out')(h))
+    out = nn.Conv(self.out_ch, (3, 3), kernel_init=zeros_init, dtype=self.dtype, name='conv_out')(h)
+    assert out.shape == z.shape, (out.shape, z.shape)
+    return out.astype(jnp.float32)
+
+
+# Size variants. ``tiny`` is for tests; the others match the configs.
+SIZES = {
+    'tiny': dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0),
+    'fmnist': dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1),
+    'cifar10': dict(ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16, 8), dropout=0.2),
+    'imagenet64': dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
+                       dropout=0.1),
+}
+UNetTiny = functools.partial(UNet, **SIZES['tiny'])
+UNetFashionMnist = functools.partial(UNet, **SIZES['fmnist'])
+UNetCifar10 = functools.partial(UNet, **SIZES['cifar10'])
+UNetImageNet64 = functools.partial(UNet, **SIZES['imagenet64'])
+
+
+def build_unet(*, size: str, num_classes: int, out_ch: int, use_w: bool = False,
+               dtype=jnp.float32, **overrides) -> UNet:
+  """Returns the U-Net of a named size with keyword overrides."""
+  if size not in SIZES:
+    raise ValueError(f'model.size={size!r}: expected one of {sorted(SIZES)}')
+  kwargs = dict(SIZES[size], **overrides)
+  kwargs['ch_mult'] = tuple(kwargs['ch_mult'])
+  kwargs['attn_resolutions'] = tuple(kwargs['attn_resolutions'])
+  return UNet(num_classes=num_classes, out_ch=out_ch, use_w=use_w, dtype=dtype, **kwargs)

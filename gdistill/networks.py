@@ -1,0 +1,56 @@
+"""Builds the teacher and student U-Nets from the config, and their init functions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from gdistill.models.unet import UNet, build_unet
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def model_kwargs(config) -> dict:
+  """The model section as plain keyword arguments (also saved in checkpoint meta)."""
+  kw = config.model.to_dict()
+  kw['ch_mult'] = list(kw['ch_mult'])
+  kw['attn_resolutions'] = list(kw['attn_resolutions'])
+  return kw
+
+
+def make_net(config, *, num_classes: int, out_ch: int, use_w: bool, dropout=None) -> UNet:
+  kw = model_kwargs(config)
+  size = kw.pop('size')
+  if dropout is not None:
+    kw['dropout'] = dropout
+  return build_unet(size=size, num_classes=num_classes, out_ch=out_ch, use_w=use_w,
+                    dtype=COMPUTE_DTYPES[config.precision], **kw)
+
+
+def init_params(net: UNet, rng, image_shape):
+  """Parameters of ``net`` for images of ``image_shape`` (H, W, C)."""
+  z = jnp.zeros((1, *image_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.float32)
+  c = jnp.zeros((1,), jnp.int32)
+  kwargs = {'w': jnp.zeros((1,), jnp.float32)} if net.use_w else {}
+  return net.init(rng, z, t, c, **kwargs)['params']
+
+
+def student_from_teacher(student_params, teacher_params):
+  """Copies every teacher weight into the student; the w branch keeps its init.
+
+  The w branch's last layer is zero-initialised, so the result computes exactly
+  the conditional teacher.
+  """
+  flat_s = traverse_util.flatten_dict(student_params)
+  flat_t = traverse_util.flatten_dict(teacher_params)
+  missing = [k for k in flat_t if k not in flat_s or flat_s[k].shape != flat_t[k].shape]
+  if missing:
+    raise ValueError(f'student lacks teacher parameters {["/".join(k) for k in missing[:3]]}')
+  flat_s.update(flat_t)
+  return traverse_util.unflatten_dict(flat_s)
+
+
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,68 @@
+"""The training state and the one generic update function every stage uses."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """step: scalar int32; params; opt_state; ema_params (None when EMA is off)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Optional[Any] = None
+
+  @property
+  def eval_params(self):
+    """The parameters to sample with: the EMA if kept, else the raw ones."""
+    return self.params if self.ema_params is None else self.ema_params
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, decay: str,
+                   grad_clip: float, b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+  """Adam with linear warm-up, then constant or linear decay to 0, after global-norm clipping."""
+  if decay == 'constant':
+    after = optax.constant_schedule(learning_rate)
+  elif decay == 'linear':
+    after = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
+  else:
+    raise ValueError(f'decay={decay!r}: expected "constant" or "linear"')
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), after], [warmup_steps])
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.scale_by_adam(b1=b1, b2=b2),
+                     optax.scale_by_learning_rate(schedule))
+
+
+def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                   ema_decay: float) -> Callable:
+  """Builds ``update_fn(state, teacher, batch, rng) -> (state, metrics)``.
+
+  ``loss_fn(params, teacher, batch, rng) -> (loss, aux_metrics)``. The step's
+  randomness is ``fold_in(rng, state.step)``, so a resumed run draws exactly
+  what an uninterrupted one would.
+  """
+  def update_fn(state: TrainState, teacher, batch, rng):
+    step_rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, teacher, batch, step_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+  return update_fn
