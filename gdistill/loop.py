@@ -86,8 +86,23 @@ def build_state(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
   return jax.jit(phase.init_fn, out_shardings=shardings)(phase.teacher)
 
 
+_COMPILED = {}
+
+
+def _signature(*trees):
+  leaves, treedef = jax.tree.flatten(trees)
+  return treedef, tuple((l.shape, l.dtype, getattr(l, 'sharding', None)) for l in leaves)
+
+
 def compile_step(phase: Phase, ctx: LoopContext, state: TrainState, batch, rng):
-  """AOT-compiles the update function with donation; logs the compile time."""
+  """AOT-compiles the update function with donation; logs the compile time.
+
+  Phases that share an update function and argument signature (the halvings
+  of stage 2) share one compilation.
+  """
+  key = (phase.update_fn, _signature(state, phase.teacher, batch, rng))
+  if key in _COMPILED:
+    return _COMPILED[key]
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   repl = sharding.replicated(ctx.mesh)
   teacher_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else repl,
@@ -98,6 +113,7 @@ def compile_step(phase: Phase, ctx: LoopContext, state: TrainState, batch, rng):
   t0 = time.perf_counter()
   compiled = jitted.lower(state, phase.teacher, batch, rng).compile()
   log(f'{phase.name}: compiled train step in {time.perf_counter() - t0:.1f}s')
+  _COMPILED[key] = compiled
   return compiled
 
 

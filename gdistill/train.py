@@ -8,6 +8,7 @@ command resumes where the last run stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from gdistill import checkpoint, config_validation, losses, sampling, sharding
+from gdistill import checkpoint, config_validation, encoder, losses, sampling, sharding
 from gdistill.data import open_source
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, Phase, run_phase
@@ -64,6 +65,7 @@ class Run:
     self.teacher_net = self.net(use_w=False)
     self.student_net = self.net(use_w=True)
     self._samplers = {}
+    self._updates = {}
 
   # ---- networks and metadata -------------------------------------------------
 
@@ -106,7 +108,8 @@ class Run:
     if os.path.exists(path):
       return
     s = self.config.samples
-    images = sampling.class_grid(self.sample_fn(mode), params, num_classes=self.num_classes,
+    images = sampling.class_grid(self.sample_fn(mode), params,
+                                 num_classes=min(self.num_classes, s.max_classes),
                                  per_class=s.per_class, image_shape=self.image_shape, w=w,
                                  num_steps=num_steps, seed=self.config.seed,
                                  sharding=sharding.batch_sharding(self.mesh))
@@ -143,9 +146,17 @@ class Run:
 
   def student_phase(self, name: str, section, *, loss, teacher, from_teacher_net: bool,
                     grid_steps: int, student_steps: Optional[int]) -> Phase:
-    """A phase that trains the w-conditioned student, initialised from ``teacher['params']``."""
+    """A phase that trains the w-conditioned student, initialised from ``teacher['params']``.
+
+    Phases with the same section and loss share one update function (so the
+    halvings of stage 2 share one compiled step).
+    """
     train_net = self.net(use_w=True, dropout=section.dropout)
     opt = self.optimizer(section)
+    key = (id(section), loss.func)
+    if key not in self._updates:
+      self._updates[key] = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
+                                          ema_decay=section.ema_decay)
     seed = self.config.seed
 
     def init_fn(teacher):
@@ -162,10 +173,8 @@ class Run:
         self.write_grid(state.eval_params, mode='student', w=float(w), num_steps=grid_steps,
                         name=name)
 
-    loss = functools.partial(loss, apply_fn=train_net.apply)
     return Phase(name=name, num_steps=section.num_steps, batch_size=section.batch_size,
-                 init_fn=init_fn,
-                 update_fn=make_update_fn(loss, opt, ema_decay=section.ema_decay),
+                 init_fn=init_fn, update_fn=self._updates[key],
                  teacher=teacher,
                  meta=self.meta(name, use_w=True, has_ema=section.ema_decay > 0,
                                 student_steps=student_steps),
@@ -227,6 +236,38 @@ class Run:
     return self.load_final(checkpoint.phase_dir(self.workdir, 'stage1'), self.student_net,
                            what='stage-1 student')
 
+  # ---- encoder distillation (for the translate stage) ---------------------------
+
+  def encoder_phase(self, teacher_params, student_steps: int, *, clean_start: bool) -> Phase:
+    """One halving of the DDIM encoder: a student_steps-step encoder from a 2x one.
+
+    ``clean_start``: the teacher is a DDIM encoder (x_hat(z_0) = z_0), true for the
+    stage-1 model, false for a distilled encoder.
+    """
+    c, d = self.config, self.config.diffusion
+    loss = functools.partial(encoder.encoder_distill_loss, mean_type=d.mean_type,
+                             encode_w=float(c.translate.encode_w),
+                             grid=c.translate.encoder.time_grid, weighting=d.weighting)
+    repl = sharding.replicated(self.mesh)
+    teacher = {'params': teacher_params,
+               'num_steps': jax.device_put(jnp.int32(student_steps), repl),
+               'clean_start': jax.device_put(jnp.bool_(clean_start), repl)}
+    name = encoder.encoder_phase_name(student_steps)
+    phase = self.student_phase(name, c.translate.encoder, loss=loss, teacher=teacher,
+                               from_teacher_net=False, grid_steps=student_steps,
+                               student_steps=student_steps)
+    # An encoder has no sample grids; its meta says what it encodes with.
+    return dataclasses.replace(phase, on_done=None, meta=phase.meta | {
+        'encoder': True, 'encode_w': float(c.translate.encode_w)})
+
+  def distill_encoder(self):
+    """Runs (or loads) every encoder halving from the finished stage-1 model."""
+    t = self.config.translate
+    params = self.load_final(checkpoint.phase_dir(self.workdir, 'stage1'), self.student_net,
+                             what='stage-1 student (encoder teacher)')
+    for i, n in enumerate(encoder.encoder_halvings(t.encoder_start_steps, t.encoder_min_steps)):
+      params = run_phase(self.encoder_phase(params, n, clean_start=i == 0), self.ctx).eval_params
+
   # ---- the whole run -----------------------------------------------------------
 
   def run(self):
@@ -241,8 +282,10 @@ class Run:
       self.stage1_params(teacher)
     if 'eval' in stages:
       from gdistill.eval import sweep  # pylint: disable=g-import-not-at-top
-      sweep.run_sweep(self.config, self.workdir)
+      sweep.run_sweep(self)
     if 'translate' in stages:
+      if self.config.translate.distill_encoder:
+        self.distill_encoder()
       from gdistill import translate  # pylint: disable=g-import-not-at-top
       translate.run_stage(self.config, self.workdir)
     self.writer.close()

@@ -1,0 +1,32 @@
+"""Class-conditional ImageNet 64x64 at the paper's full-scale settings.
+
+Teacher U-Net: 192 channels, mult (1, 2, 3, 4), 3 residual blocks, attention
+at 32, 16 and 8, dropout 0.1, batch 2048, bfloat16 compute, FSDP over the data
+axis (METHOD.md section 7). Needs TFDS ``imagenet_resized/64x64`` prepared in
+array_record format and a TPU pod slice or GPUs (see launch/README.md).
+
+  python -m gdistill.main --config=configs/imagenet64.py --workdir=gs://BUCKET/imagenet64
+"""
+
+from gdistill.config_base import base_config
+
+
+def get_config():
+  c = base_config()
+  c.stages = ('teacher', 'stage1', 'stage2', 'eval')
+  c.data.name = 'imagenet_resized/64x64'
+  c.data.eval_split = 'validation'
+  c.precision = 'bfloat16'
+  c.sharding = 'fsdp'
+  c.model.update(size='imagenet64', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                 attn_resolutions=(32, 16, 8), dropout=0.1)
+  c.log_every = 100
+  c.teacher.update(num_steps=400_000, batch_size=2048, learning_rate=3e-4, warmup_steps=5000,
+                   ema_decay=0.9999, checkpoint_every=5000)
+  c.teacher.p_uncond = 0.1
+  c.stage1.update(num_steps=50_000, batch_size=2048, learning_rate=1e-4, warmup_steps=1000,
+                  ema_decay=0.9999, checkpoint_every=5000)
+  c.stage2.update(num_steps=50_000, batch_size=2048, learning_rate=1e-4, lr_decay='linear',
+                  warmup_steps=0, checkpoint_every=5000, start_steps=1024, min_steps=1)
+  c.samples.update(per_class=8, teacher_steps=256, teacher_w=1.0, student_w=(0.0, 0.3, 1.0, 4.0))
+  return c

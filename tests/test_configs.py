@@ -1,0 +1,88 @@
+"""The full-scale configs are complete: they validate, build at full size
+(abstractly), shard, and run every training stage for a step at tiny size."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from gdistill import config_validation, sharding, train
+from gdistill.data import ImageSource
+from gdistill.models.unet import UNet
+from gdistill.networks import init_params, param_count
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ('fashion_mnist', 'smoke', 'cifar10', 'imagenet64')
+SHAPES = {'fashion_mnist': ((28, 28, 1), 10), 'smoke': ((28, 28, 1), 10),
+          'cifar10': ((32, 32, 3), 10), 'imagenet64': ((64, 64, 3), 1000)}
+# Full-size teacher parameter counts (pinned: a change here changes every result).
+FULL_PARAMS = {'fashion_mnist': (1.0e6, 1.5e6), 'cifar10': (35e6, 60e6),
+               'imagenet64': (150e6, 400e6)}
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_validates_for_its_dataset(name):
+  config = load_config(name)
+  shape, _ = SHAPES[name]
+  config_validation.validate(config, image_shape=shape, num_devices=8)
+  assert config.data.name and isinstance(config.seed, int) and config.stages
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10', 'imagenet64'])
+def test_full_size_model_builds_and_shards(name, devices8):
+  config = load_config(name)
+  shape, classes = SHAPES[name]
+  kw = config.model.to_dict()
+  kw.pop('size')
+  net = UNet(num_classes=classes, out_ch=shape[-1], **kw)
+  abstract = jax.eval_shape(lambda r: init_params(net, r, shape), jax.random.PRNGKey(0))
+  lo, hi = FULL_PARAMS[name]
+  assert lo < param_count(abstract) < hi, param_count(abstract)
+  mesh = sharding.make_mesh({'data': -1}, devices8)
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding)
+  if config.sharding == 'fsdp':
+    split = sum(a.size for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+                if s.spec != jax.sharding.PartitionSpec())
+    assert split > 0.95 * param_count(abstract)  # all but norms and biases
+
+
+class RandomImages(ImageSource):
+  """A stand-in source of the dataset's shape (the real one needs internet)."""
+
+  def get(self, indices):
+    rng = np.random.default_rng(int(np.sum(indices)))
+    n = len(indices)
+    return {'image': rng.integers(0, 256, (n, *self.image_shape), dtype=np.uint8),
+            'label': rng.integers(0, self.num_classes, (n,), dtype=np.int32)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['cifar10', 'imagenet64'])
+def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypatch):
+  """The full config's structure (levels, blocks, attention, precision, sharding)
+  with 8 channels: teacher, stage 1 and one halving each run a step on 8 devices."""
+  config = load_config(name)
+  shape, classes = SHAPES[name]
+  with config.unlocked():
+    config.stages = ('teacher', 'stage1', 'stage2')
+    config.model.ch = 8
+    for phase in ('teacher', 'stage1', 'stage2'):
+      config[phase].update(num_steps=1, batch_size=8, warmup_steps=0, checkpoint_every=1)
+    config.stage2.update(start_steps=2, min_steps=1)
+    config.samples.update(per_class=1, max_classes=8, teacher_steps=1, student_w=(1.0,))
+  source = RandomImages(name=name, split='train', num_examples=64, image_shape=shape,
+                        num_classes=classes, class_names=[str(i) for i in range(classes)],
+                        data_source=None, in_memory=True)
+  monkeypatch.setattr(train, 'open_source', lambda *a, **k: source)
+  train.train_and_evaluate(config, str(tmp_path))
+  for phase in ('teacher', 'stage1', 'stage2_n0001'):
+    assert os.listdir(tmp_path / 'checkpoints' / phase)
