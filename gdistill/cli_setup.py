@@ -2,9 +2,11 @@
 
 Imported first by each ``__main__`` module: on a CPU-only machine XLA's
 convolutions barely use a second core, while one host device per core with the
-batch split across them was measured 1.3-1.5x faster (ENVIRONMENT.md). So,
-unless the user set it, we ask XLA for one CPU device per core (at most 8). On
-machines with accelerators the CPU devices are unused, so this is harmless.
+batch split across them was measured 1.3-1.5x faster (ENVIRONMENT.md;
+``benchmarks/cpu_devices.py`` measures it again). So, unless the user set it
+(``GDISTILL_CPU_DEVICES=n``, or the XLA flag itself), we ask XLA for one CPU
+device per usable core (``taskset``/cpuset aware, at most 8). On machines with
+accelerators the CPU devices are unused, so this is harmless.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ import sys
 ENV_CPU_DEVICES = 'GDISTILL_CPU_DEVICES'
 
 
+def usable_cores() -> int:
+  """Cores this process may run on (taskset / cpuset aware), else os.cpu_count()."""
+  try:
+    return len(os.sched_getaffinity(0)) or 1
+  except (AttributeError, OSError):  # not on Linux
+    return os.cpu_count() or 1
+
+
 def _configure_cpu_devices():
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_force_host_platform_device_count' in flags:
     return
-  n = os.environ.get(ENV_CPU_DEVICES) or str(min(os.cpu_count() or 1, 8))
+  n = os.environ.get(ENV_CPU_DEVICES) or str(min(usable_cores(), 8))
   os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
 
 
@@ -60,9 +70,76 @@ def user_errors():
     fail(str(e))
 
 
-def maybe_initialize_distributed(config) -> None:
-  """Multi-host start-up: jax.distributed on request or on a Cloud TPU pod."""
+ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+ENV_CPU_COLLECTIVES = 'JAX_CPU_COLLECTIVES_IMPLEMENTATION'
+
+
+def distributed_kwargs(environ=None) -> dict:
+  """``jax.distributed.initialize`` arguments from the environment.
+
+  ``launch/gpu.py`` starts one process per host with JAX_COORDINATOR_ADDRESS
+  (``host:port``), JAX_NUM_PROCESSES and JAX_PROCESS_ID; JAX itself reads only
+  the first, so all three are passed on. Where none is set the dict is empty
+  and JAX detects the cluster (Cloud TPU pods, SLURM, Open MPI) by itself.
+  Inconsistent values are one-line errors naming the variable.
+  """
+  env = os.environ if environ is None else environ
+  kwargs = {}
+  if env.get(ENV_COORDINATOR):
+    kwargs['coordinator_address'] = env[ENV_COORDINATOR]
+  for key, arg in ((ENV_NUM_PROCESSES, 'num_processes'), (ENV_PROCESS_ID, 'process_id')):
+    value = env.get(key, '')
+    if value:
+      try:
+        kwargs[arg] = int(value)
+      except ValueError:
+        fail(f'{key}={value!r}: expected an integer')
+  n, i = kwargs.get('num_processes'), kwargs.get('process_id')
+  if n is not None and n < 1:
+    fail(f'{ENV_NUM_PROCESSES}={n}: expected at least 1')
+  if (n is None) != (i is None):
+    have, missing = ((ENV_NUM_PROCESSES, ENV_PROCESS_ID) if i is None
+                     else (ENV_PROCESS_ID, ENV_NUM_PROCESSES))
+    fail(f'{have} is set but {missing} is not: set both (and {ENV_COORDINATOR})')
+  if n is not None and not 0 <= i < n:
+    fail(f'{ENV_PROCESS_ID}={i}: expected 0 <= {ENV_PROCESS_ID} < {ENV_NUM_PROCESSES}={n}')
+  if n is not None and n > 1 and 'coordinator_address' not in kwargs:
+    fail(f'{ENV_NUM_PROCESSES}={n} but {ENV_COORDINATOR} is not set: expected host:port of '
+         f'process 0')
+  return kwargs
+
+
+def maybe_initialize_distributed(config, environ=None) -> bool:
+  """Multi-host start-up; returns whether ``jax.distributed`` was initialised.
+
+  It is, when ``config.multihost`` is true, on a Cloud TPU pod slice, or when
+  the environment asks for several processes (JAX_NUM_PROCESSES > 1). CPU
+  processes exchange collectives over gloo (TCP), unless
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION chose otherwise: that is what lets
+  several processes on one machine stand in for a pod in tests. The option
+  only concerns the CPU client, so it is harmless on GPU and TPU hosts.
+  Must run before anything touches a JAX backend.
+  """
+  env = os.environ if environ is None else environ
+  kwargs = distributed_kwargs(env)
+  on_tpu_pod = bool(env.get('TPU_WORKER_HOSTNAMES', '').count(','))
+  if not (config.multihost or on_tpu_pod or kwargs.get('num_processes', 1) > 1):
+    return False
   import jax  # pylint: disable=g-import-not-at-top
-  on_tpu_pod = bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
-  if config.multihost or on_tpu_pod:
-    jax.distributed.initialize()
+  if not env.get(ENV_CPU_COLLECTIVES):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def quiet_libraries() -> None:
+  """Hides INFO logs (orbax's per-restore lines, ...) unless --verbosity was given.
+
+  For the sampling and translation commands, whose own progress lines are printed
+  to stdout by ``metric_writer.log`` and whose errors are one line on stderr.
+  """
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)

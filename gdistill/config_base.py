@@ -58,8 +58,55 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sample grids written when a phase finishes: a row per class.
   c.samples = ml_collections.ConfigDict(dict(
-      per_class=8, teacher_steps=64, teacher_w=1.0, student_w=(0.0, 1.0, 4.0),
-      every_checkpoint=False))
+      per_class=8, max_classes=10, teacher_steps=64, teacher_w=1.0, student_w=(0.0, 1.0, 4.0)))
 
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
+
+  # Image-to-image translation (METHOD.md section 6): encode an image of class A with
+  # reverse DDIM under A (at w = encode_w), decode under class B (at w). The encoder is
+  # distilled like stage 2: the stage-1 model is the encoder_start_steps-step teacher,
+  # halved down to encoder_min_steps (phases encoder_nXXXX).
+  c.translate = ml_collections.ConfigDict()
+  c.translate.distill_encoder = True
+  c.translate.encoder_start_steps = 32
+  c.translate.encoder_min_steps = 4
+  c.translate.encoder = _optim(num_steps=1000, learning_rate=1e-4, warmup_steps=0,
+                               lr_decay='linear', ema_decay=0.0, dropout=0.0)
+  c.translate.encoder.time_grid = 'both'  # or 'deterministic'
+  c.translate.encode_w = 0.0    # guidance weight of the encoder (source condition)
+  c.translate.w = 1.0           # guidance weight of the decoder (target condition)
+  # (source, target) labels; Fashion-MNIST: sneaker -> ankle boot, shirt -> T-shirt.
+  c.translate.pairs = ((7, 9), (6, 0))
+  c.translate.num_per_pair = 8     # grid columns (test-split images of the source class)
+  c.translate.ddim_steps = 64      # the undistilled reference (stage-1 model both ways)
+  c.translate.distilled_steps = (4, 8)  # distilled encoder + stage-2 student
+  c.translate.quality_per_pair = 100    # images per pair for translate/quality.json
+
+  # Evaluation sweep (stage `eval`, or `python -m gdistill.evaluate --workdir=DIR`):
+  # FID / IS / precision-recall of every setting, written to DIR/eval/. Rows:
+  #   teacher       guided DDIM at each teacher_steps (2 NFE per step), every w;
+  #   teacher_ddim  the same sampler at few steps (teacher_ddim_steps): the baseline;
+  #   student       every finished stage-2 student (student_steps, () = all) with each
+  #                 sampler: ddim at its own N steps, stochastic at 2N steps (the paper's
+  #                 sampler takes jumps of 1/N on the 1/(2N) grid the N-step student was
+  #                 trained on); 1 NFE per step.
+  # Rows with more NFE than expensive_nfe (0: no limit) run only at w in expensive_w.
+  # The same labels (i mod K) and noise serve every row; finished rows are kept in
+  # DIR/eval/report.json and reused when the sweep is rerun or extended.
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=1000, batch_size=250, seed=0,
+      w_values=(0.0, 0.3, 1.0, 2.0, 4.0),
+      models=('teacher', 'teacher_ddim', 'student'),
+      teacher_steps=(256, 64), teacher_ddim_steps=(1, 2, 4, 8, 16), student_steps=(),
+      samplers=('ddim', 'stochastic'),
+      expensive_nfe=0, expensive_w=(0.0, 1.0),
+      # auto: gdistill's own classifier for fashion_mnist / mnist, Inception-v3 otherwise
+      # (inception_weights: a local .pth or .npz). classifier_path '': DIR/eval/classifier.npz,
+      # trained there if absent; share one file between runs whose numbers must compare.
+      feature_net='auto', inception_weights='', classifier_path='',
+      classifier_steps=2400, classifier_batch_size=128, classifier_learning_rate=2e-3,
+      reference_split='train', reference_examples=0,  # 0: the whole split, else its first N
+      floor_split='',  # '': data.eval_split (held-out images: the FID floor)
+      precision_recall_k=3, grid_per_class=8))
+
   return c

@@ -92,6 +92,9 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   if config.stage2.time_grid not in ('deterministic', 'both'):
     _err('stage2.time_grid', config.stage2.time_grid, '"deterministic" or "both"')
 
+  if 'translate' in stages:
+    _validate_translate(config, num_devices=num_devices, num_processes=num_processes)
+
   if image_shape is not None:
     h, w = image_shape[0], image_shape[1]
     factor = 2 ** (len(config.model.ch_mult) - 1)
@@ -99,3 +102,59 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
       _err('model.ch_mult', tuple(config.model.ch_mult),
            f'{len(config.model.ch_mult) - 1} halvings that divide the image size {h}x{w} '
            f'(it must be divisible by {factor}); use fewer levels or another dataset')
+
+
+def _validate_translate(config, *, num_devices, num_processes) -> None:
+  """The translate section (encoder distillation and translation grids)."""
+  t = config.translate
+  p, key = t.encoder, 'translate.encoder'
+  for name in ('num_steps', 'batch_size', 'checkpoint_every'):
+    _positive_int(f'{key}.{name}', p[name])
+  if not p.learning_rate > 0:
+    _err(f'{key}.learning_rate', p.learning_rate, 'a positive number')
+  if p.lr_decay not in ('constant', 'linear'):
+    _err(f'{key}.lr_decay', p.lr_decay, '"constant" or "linear"')
+  if not 0.0 <= p.ema_decay < 1.0:
+    _err(f'{key}.ema_decay', p.ema_decay, 'a number in [0, 1)')
+  if not (isinstance(p.warmup_steps, int) and p.warmup_steps >= 0):
+    _err(f'{key}.warmup_steps', p.warmup_steps, 'an integer >= 0')
+  divisor = num_devices or 1
+  if p.batch_size % divisor or p.batch_size % num_processes:
+    _err(f'{key}.batch_size', p.batch_size,
+         f'a multiple of the number of devices ({divisor}) and processes ({num_processes})')
+  if p.time_grid not in ('deterministic', 'both'):
+    _err(f'{key}.time_grid', p.time_grid, '"deterministic" or "both"')
+
+  start, smallest = t.encoder_start_steps, t.encoder_min_steps
+  for k, v in (('translate.encoder_start_steps', start), ('translate.encoder_min_steps', smallest)):
+    if not isinstance(v, int) or v < 1 or v & (v - 1):
+      _err(k, v, 'a power of two')
+  if start < 2 * smallest:
+    _err('translate.encoder_start_steps', start,
+         f'at least 2 * translate.encoder_min_steps = {2 * smallest}')
+  for k in ('encode_w', 'w'):
+    if not t[k] >= 0:
+      _err(f'translate.{k}', t[k], 'a guidance weight >= 0')
+  pairs = tuple(tuple(q) for q in t.pairs)
+  if not pairs or any(len(q) != 2 or not all(isinstance(c, int) and c >= 0 for c in q)
+                      for q in pairs):
+    _err('translate.pairs', pairs, '(source, target) pairs of class labels, e.g. ((7, 9),)')
+  for k in ('num_per_pair', 'ddim_steps', 'quality_per_pair'):
+    _positive_int(f'translate.{k}', t[k])
+  # Distilled step counts need a decoder (stage-2 student) and, when distilled, an encoder.
+  decoders, n = set(), config.stage2.start_steps // 2
+  while n >= config.stage2.min_steps:
+    decoders.add(n)
+    n //= 2
+  encoders, n = set(), start // 2
+  while n >= smallest:
+    encoders.add(n)
+    n //= 2
+  for n in t.distilled_steps:
+    if n not in decoders:
+      _err('translate.distilled_steps', tuple(t.distilled_steps),
+           f'stage-2 student step counts (this config distils {sorted(decoders)})')
+    if t.distill_encoder and n not in encoders:
+      _err('translate.distilled_steps', tuple(t.distilled_steps),
+           f'distilled encoder step counts (translate.encoder_start_steps={start} and '
+           f'encoder_min_steps={smallest} give {sorted(encoders)})')

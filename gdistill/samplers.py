@@ -79,18 +79,33 @@ def stochastic_sample(denoise_fn, z_1, *, num_steps, rng, clip: bool = True):
   return x_hat
 
 
-def ddim_encode(denoise_fn, x_0, *, num_steps):
+def ddim_encode(denoise_fn, x_0, *, num_steps, clean_start=True):
   """Deterministic DDIM run backwards (t from 0 to 1): image -> noise z_1.
 
-  For i = 0..N-1, s = i / N, t = (i + 1) / N:  z_t = alpha_t x_hat(z_s) + sigma_t eps_hat(z_s).
-  At s = 0 the input is the image itself (z_0 = x_0), so x_hat = x_0.
+  For i = 0..N-1, s = i / N, t = (i + 1) / N:
+    z_t = alpha_t x_hat(z_s) + sigma_t eps_hat(z_s),  eps_hat = (z_s - alpha_s x_hat) / sigma_s
+  (``diffusion.ddim_step`` with s and t swapped).
+
+  Args:
+    denoise_fn: ``(z_s [B, H, W, C], s []) -> x_hat``; guidance, if any, is inside it.
+    x_0: images [B, H, W, C] in [-1, 1].
+    num_steps: N (may be traced).
+    clean_start: take x_hat(z_0) = z_0 at s = 0 (hence eps_hat = 0) without calling
+      ``denoise_fn``: at zero noise the image is its own clean estimate, while the
+      network's eps prediction there is unidentifiable. A distilled encoder passes
+      False: its first step's eps_hat (= v_hat at lambda_max) is what it was trained to
+      output. May be a traced bool.
+  Returns:
+    z_1 [B, H, W, C].
   """
   n = jnp.asarray(num_steps, jnp.float32)
 
   def step(i, z_s):
     s = i / n
     t = (i + 1) / n
-    x_hat = jnp.where(i == 0, z_s, denoise_fn(z_s, s))
+    # lax.cond, not jnp.where: the skipped first step costs no network evaluation.
+    x_hat = jax.lax.cond(jnp.logical_and(i == 0, clean_start), lambda z: z,
+                         lambda z: denoise_fn(z, s).astype(z.dtype), z_s)
     return diffusion.ddim_step(z_t=z_s, x_hat=x_hat, logsnr_t=_logsnr(s), logsnr_s=_logsnr(t))
 
   return _loop(step, x_0, num_steps)

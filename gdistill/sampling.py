@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gdistill import guidance, samplers
 
@@ -52,8 +53,17 @@ def class_grid(sample_fn, params, *, num_classes: int, per_class: int, image_sha
   label = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)
   rng = jax.random.PRNGKey(seed)
   z_1 = jax.random.normal(jax.random.fold_in(rng, 0), (label.shape[0], *image_shape))
-  if sharding is not None and label.shape[0] % sharding.mesh.size == 0:
-    label, z_1 = jax.device_put(label, sharding), jax.device_put(z_1, sharding)
-  x = sample_fn(params, label, jnp.float32(w), z_1, jnp.int32(num_steps),
-                jax.random.fold_in(rng, 1))
+  args = (jnp.float32(w), jnp.int32(num_steps), jax.random.fold_in(rng, 1))
+  if sharding is not None:
+    # Every input lives on the mesh (with several processes a jitted call
+    # cannot mix process-local and global arrays); a batch that does not
+    # split over the devices is replicated.
+    repl = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    batch_sh = sharding if label.shape[0] % sharding.mesh.size == 0 else repl
+    label, z_1 = jax.device_put(label, batch_sh), jax.device_put(z_1, batch_sh)
+    args = jax.device_put(args, repl)
+  w_arr, steps_arr, sample_rng = args
+  x = sample_fn(params, label, w_arr, z_1, steps_arr, sample_rng)
+  if not x.is_fully_addressable:  # rows on other processes' devices: gather them here
+    x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x)).reshape(num_classes, per_class, *image_shape)

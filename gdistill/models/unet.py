@@ -38,6 +38,18 @@ def logsnr_to_time_input(logsnr):
   return 1000.0 * jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20.0, 20.0))) / (0.5 * jnp.pi)
 
 
+def upsample_nearest_2x(x):
+  """Nearest-neighbour 2x upsampling, [B, H, W, C] -> [B, 2H, 2W, C].
+
+  Equal to ``jax.image.resize(x, (B, 2H, 2W, C), 'nearest')``, but a broadcast
+  and a reshape: XLA lowers resize to a gather, whose gradient is a scatter,
+  both slow on CPU; the gradient of a broadcast is a reduction.
+  """
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
 def _groups(channels: int) -> int:
   return math.gcd(32, channels)
 
@@ -153,9 +165,8 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(dtype=self.dtype, name=f'up_{level}_attn_{i}')(h)
       if level != 0:
-        b, hh, ww, c = h.shape
-        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method='nearest')
-        h = nn.Conv(c, (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
+        h = upsample_nearest_2x(h)
+        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
     assert not hs
 
     h = nn.swish(nn.GroupNorm(_groups(h.shape[-1]), name='norm_out')(h))

@@ -1,0 +1,389 @@
+"""What the benchmarks share: config loading, the networks and step functions
+built from gdistill's own pieces, timing, the measured machine peak, records.
+
+Import this module before anything imports JAX (it imports
+``gdistill.cli_setup``, which sets the CPU device count).
+
+The benchmarks feed random batches of the dataset's shape: step and sampler
+speed does not depend on pixel values, and no dataset (nor TensorFlow
+Datasets) is needed, so they run unchanged on a bare accelerator machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from gdistill import cli_setup  # pylint: disable=g-import-not-at-top,unused-import  # before jax
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from gdistill import losses, networks, sharding  # pylint: disable=g-import-not-at-top
+from gdistill.train_state import init_state, make_optimizer, make_update_fn  # pylint: disable=g-import-not-at-top
+
+DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py')
+QUICK_CONFIG = os.path.join(REPO, 'configs', 'smoke.py')
+
+# (H, W, C) and classes of the datasets the configs name; the benchmarks feed
+# random data of that shape rather than open the dataset.
+DATASETS = {
+    'fashion_mnist': ((28, 28, 1), 10),
+    'fashion_mnist_local': ((28, 28, 1), 10),
+    'mnist': ((28, 28, 1), 10),
+    'cifar10': ((32, 32, 3), 10),
+    'imagenet_resized/64x64': ((64, 64, 3), 1000),
+}
+
+
+# ---- command line and config ----------------------------------------------------
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument('--config', default=None,
+                 help=f'config file (default {os.path.relpath(DEFAULT_CONFIG, REPO)}; '
+                      f'--quick: {os.path.relpath(QUICK_CONFIG, REPO)})')
+  p.add_argument('--quick', action='store_true',
+                 help='the smoke-sized model and fewer repetitions (about a minute on a CPU)')
+  p.add_argument('--json', default=None, help='also write the records to this JSON file')
+  p.add_argument('--precision', default=None, choices=('float32', 'bfloat16'),
+                 help='override config.precision')
+  p.add_argument('--sharding', default=None, choices=sharding.STRATEGIES,
+                 help='override config.sharding')
+  p.add_argument('--batch', type=int, default=None,
+                 help='training batch (default: the config\'s teacher.batch_size)')
+  return p
+
+
+def load_config(path: Optional[str], *, quick: bool):
+  path = path or (QUICK_CONFIG if quick else DEFAULT_CONFIG)
+  arg = None
+  if ':' in os.path.basename(path):
+    path, arg = path.rsplit(':', 1)
+  spec = importlib.util.spec_from_file_location('benchmark_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config() if arg is None else module.get_config(arg)
+  return config, os.path.relpath(os.path.abspath(path), REPO)
+
+
+@dataclasses.dataclass
+class Setup:
+  """A config turned into what the benchmarks run: mesh, shapes, networks."""
+  config: Any
+  config_name: str
+  quick: bool
+  mesh: jax.sharding.Mesh
+  image_shape: tuple
+  num_classes: int
+  batch: int
+  teacher_net: Any
+  student_net: Any
+
+  @property
+  def dtype(self):
+    return networks.COMPUTE_DTYPES[self.config.precision]
+
+  def describe(self) -> str:
+    c = self.config
+    dev = jax.devices()[0]
+    return (f'config {self.config_name} | model {c.model.size} ch={c.model.ch} '
+            f'mult={tuple(c.model.ch_mult)} blocks={c.model.num_res_blocks} '
+            f'attn={tuple(c.model.attn_resolutions)} | image {self.image_shape} | '
+            f'{c.precision} | {c.sharding} over {self.mesh.size} x {dev.platform} '
+            f'({dev.device_kind}) | {jax.process_count()} process(es), jax {jax.__version__}')
+
+
+def make_setup(args) -> Setup:
+  config, name = load_config(args.config, quick=args.quick)
+  if args.precision:
+    config.precision = args.precision
+  if args.sharding:
+    config.sharding = args.sharding
+  if config.data.name not in DATASETS:
+    raise SystemExit(f'data.name={config.data.name!r}: the benchmarks know {sorted(DATASETS)}')
+  image_shape, num_classes = DATASETS[config.data.name]
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  batch = args.batch or config.teacher.batch_size
+  if batch % mesh.size:
+    raise SystemExit(f'batch {batch} does not split over {mesh.size} devices: pass --batch')
+  mk = functools.partial(networks.make_net, config, num_classes=num_classes,
+                         out_ch=image_shape[-1])
+  return Setup(config=config, config_name=name, quick=args.quick, mesh=mesh,
+               image_shape=tuple(image_shape), num_classes=num_classes, batch=batch,
+               teacher_net=mk(use_w=False), student_net=mk(use_w=True))
+
+
+# ---- records and tables -------------------------------------------------------------
+
+
+class Records:
+  """The JSON list of {"name", "value", "unit"} that run.py writes."""
+
+  def __init__(self):
+    self.items = []
+
+  def add(self, name: str, value, unit: str):
+    self.items.append({'name': name, 'value': float(value), 'unit': unit})
+
+  def write(self, path: str):
+    with open(path, 'w') as f:
+      json.dump(self.items, f, indent=1)
+    print(f'wrote {len(self.items)} records to {path}')
+
+
+def table(title: str, header, rows) -> str:
+  """A plain-text table; floats to 4 significant digits."""
+  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+  cells = [list(map(str, header))] + [[fmt(v) for v in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  line = lambda r: '  '.join(c.rjust(w) for c, w in zip(r, widths))
+  out = [f'\n{title}', line(cells[0]), '  '.join('-' * w for w in widths)]
+  out += [line(r) for r in cells[1:]]
+  text = '\n'.join(out)
+  print(text, flush=True)
+  return text
+
+
+# ---- timing ---------------------------------------------------------------------------
+
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def interleaved_times(fns: dict, *, rounds: int, min_seconds: float = 0.0,
+                      min_call_seconds: float = 0.0) -> dict:
+  """Median wall time of one call of each no-argument callable, timed in rounds.
+
+  Round r times every function in turn, so load from other processes falls on
+  all of them alike and their ratios stay meaningful under contention. A
+  function faster than ``min_call_seconds`` (judged on one calibration call)
+  is called that many times over within each timing, and the time divided,
+  which keeps timer noise out of short calls. Rounds go on past
+  ``rounds`` until ``min_seconds`` have passed (at most 4 x ``rounds``).
+  """
+  repeats = {}
+  for k, fn in fns.items():
+    t0 = time.perf_counter()
+    block(fn())
+    once = time.perf_counter() - t0
+    repeats[k] = max(1, int(min_call_seconds / max(once, 1e-6) + 0.999))
+  times = {k: [] for k in fns}
+  t_start, r = time.perf_counter(), 0
+  while r < rounds or (time.perf_counter() - t_start < min_seconds and r < 4 * rounds):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(repeats[k]):
+        block(fn())  # bounded dispatch: queuing hundreds of calls can hang 2 CPU devices
+      times[k].append((time.perf_counter() - t0) / repeats[k])
+    r += 1
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timed_compile(jitted, *args):
+  """AOT lower + compile; returns (compiled, seconds)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def cost_flops(compiled) -> float:
+  """XLA's flop count of a compiled computation (per device when sharded)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per module
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def memory_bytes(compiled) -> dict:
+  """Per-device sizes from XLA's memory analysis (what the step needs at most)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  get = lambda k: float(getattr(m, k, 0) or 0)
+  out = {k: get(f'{k}_size_in_bytes') for k in ('argument', 'output', 'alias', 'temp')}
+  out['peak_estimate'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  return out
+
+
+def device_peak_bytes() -> Optional[float]:
+  """Peak bytes in use on device 0 since start (None where not reported, e.g. CPU)."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stats:
+    return None
+  return float(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', float('nan'))))
+
+
+def max_rss_bytes() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+
+
+# ---- machine peak ----------------------------------------------------------------------
+
+
+def matmul_peak(mesh, dtype, *, size: Optional[int] = None, rounds: int = 5) -> dict:
+  """FLOP/s of a large jitted matmul in ``dtype``, on one device and on all.
+
+  On all devices the matmuls are a batch split over the mesh's data axis
+  (each device multiplies its own pair), the way a data-parallel step
+  loads the machine. The machine's peak is the larger of the two.
+  """
+  platform = jax.devices()[0].platform
+  size = size or (2048 if platform == 'cpu' else 8192)
+  n = mesh.size
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (n, size, size), dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, size, size), dtype)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
+  a_all, b_all = jax.device_put(a, spec), jax.device_put(b, spec)
+  a1, b1 = jax.device_put(a[0], jax.devices()[0]), jax.device_put(b[0], jax.devices()[0])
+  mm_all = jax.jit(lambda x, y: jnp.einsum('bij,bjk->bik', x, y), out_shardings=spec)
+  mm_one = jax.jit(lambda x, y: x @ y)
+  block(mm_all(a_all, b_all))
+  block(mm_one(a1, b1))
+  t = interleaved_times({'one': lambda: mm_one(a1, b1), 'all': lambda: mm_all(a_all, b_all)},
+                        rounds=rounds)
+  flops = 2.0 * size ** 3
+  one, all_ = flops / t['one'], n * flops / t['all']
+  return {'size': size, 'one_device': one, 'all_devices': all_, 'peak': max(one, all_)}
+
+
+# ---- state, batches and step functions (as gdistill.train builds them) -----------------
+
+
+def random_batch(setup: Setup, batch: int, seed: int = 0):
+  """A random batch of images in [-1, 1] and labels, split over the mesh."""
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(-1, 1, (batch, *setup.image_shape)).astype(np.float32)
+  label = rng.integers(0, setup.num_classes, (batch,)).astype(np.int32)
+  sh = sharding.batch_sharding(setup.mesh)
+  return {'image': jax.device_put(image, sh), 'label': jax.device_put(label, sh)}
+
+
+def _optimizer(section):
+  return make_optimizer(learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
+                        total_steps=section.num_steps, decay=section.lr_decay,
+                        grad_clip=section.grad_clip)
+
+
+@dataclasses.dataclass
+class StepFn:
+  """One phase's update function with its (sharded) state and frozen teacher."""
+  name: str
+  update_fn: Callable
+  init_fn: Callable  # init_fn(teacher) -> TrainState
+  teacher: Any
+
+  def build_state(self, mesh, strategy):
+    """Born sharded, as loop.build_state does."""
+    abstract = jax.eval_shape(self.init_fn, self.teacher)
+    shardings = sharding.state_shardings(abstract, mesh, strategy)
+    return jax.jit(self.init_fn, out_shardings=shardings)(self.teacher)
+
+  def compile(self, mesh, state, batch, rng):
+    """AOT, with the shardings and donation of loop.compile_step."""
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    repl = sharding.replicated(mesh)
+    teacher_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else repl,
+                              self.teacher)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    jitted = jax.jit(self.update_fn, in_shardings=(state_sh, teacher_sh, batch_sh, repl),
+                     out_shardings=(state_sh, repl), donate_argnums=(0,))
+    return timed_compile(jitted, state, self.teacher, batch, rng)
+
+
+def teacher_params(setup: Setup, seed: int = 0):
+  """Sharded random teacher parameters (frozen input of stage 1)."""
+  abstract = jax.eval_shape(
+      functools.partial(networks.init_params, setup.teacher_net, image_shape=setup.image_shape),
+      jax.random.PRNGKey(seed))
+  sh = sharding.state_shardings(abstract, setup.mesh, setup.config.sharding)
+  return jax.jit(functools.partial(networks.init_params, setup.teacher_net,
+                                   image_shape=setup.image_shape),
+                 out_shardings=sh)(jax.random.PRNGKey(seed))
+
+
+def student_params(setup: Setup, seed: int = 1):
+  abstract = jax.eval_shape(
+      functools.partial(networks.init_params, setup.student_net, image_shape=setup.image_shape),
+      jax.random.PRNGKey(seed))
+  sh = sharding.state_shardings(abstract, setup.mesh, setup.config.sharding)
+  return jax.jit(functools.partial(networks.init_params, setup.student_net,
+                                   image_shape=setup.image_shape),
+                 out_shardings=sh)(jax.random.PRNGKey(seed))
+
+
+def teacher_step(setup: Setup) -> StepFn:
+  """The teacher phase's step (gdistill.train.Run.teacher_phase)."""
+  c, d = setup.config, setup.config.diffusion
+  net, opt = setup.teacher_net, _optimizer(c.teacher)
+  loss = functools.partial(losses.teacher_loss, apply_fn=net.apply, mean_type=d.mean_type,
+                           num_classes=setup.num_classes, p_uncond=c.teacher.p_uncond,
+                           weighting=d.weighting)
+
+  def init_fn(teacher):
+    del teacher
+    return init_state(networks.init_params(net, jax.random.PRNGKey(c.seed), setup.image_shape),
+                      opt, ema=c.teacher.ema_decay > 0)
+  return StepFn('teacher', make_update_fn(loss, opt, ema_decay=c.teacher.ema_decay), init_fn, {})
+
+
+def _student_step(setup: Setup, name, section, loss, teacher, *, from_teacher_net: bool):
+  """Run.student_phase: the w-conditioned student with the section's dropout."""
+  c = setup.config
+  train_net = networks.make_net(c, num_classes=setup.num_classes, out_ch=setup.image_shape[-1],
+                                use_w=True, dropout=section.dropout)
+  opt = _optimizer(section)
+  update = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
+                          ema_decay=section.ema_decay)
+
+  def init_fn(teacher):
+    if from_teacher_net:
+      params = networks.student_from_teacher(
+          networks.init_params(train_net, jax.random.PRNGKey(c.seed + 1), setup.image_shape),
+          teacher['params'])
+    else:
+      params = jax.tree.map(jnp.copy, teacher['params'])
+    return init_state(params, opt, ema=section.ema_decay > 0)
+  return StepFn(name, update, init_fn, teacher)
+
+
+def stage1_step(setup: Setup, teacher_p) -> StepFn:
+  """Run.stage1_phase: the student matches the guided teacher."""
+  c, d = setup.config, setup.config.diffusion
+  loss = functools.partial(losses.stage1_loss, teacher_apply=setup.teacher_net.apply,
+                           mean_type=d.mean_type, teacher_mean_type=d.mean_type,
+                           num_classes=setup.num_classes, w_min=c.guidance.w_min,
+                           w_max=c.guidance.w_max, weighting=d.weighting)
+  return _student_step(setup, 'stage1', c.stage1, loss, {'params': teacher_p},
+                       from_teacher_net=True)
+
+
+def stage2_step(setup: Setup, student_p, student_steps: int = 8) -> StepFn:
+  """Run.stage2_phase: one student step matches two teacher steps."""
+  c, d = setup.config, setup.config.diffusion
+  loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type, w_min=c.guidance.w_min,
+                           w_max=c.guidance.w_max, grid=c.stage2.time_grid,
+                           weighting=d.weighting)
+  n = jax.device_put(jnp.int32(student_steps), sharding.replicated(setup.mesh))
+  return _student_step(setup, 'stage2', c.stage2, loss, {'params': student_p, 'num_steps': n},
+                       from_teacher_net=False)

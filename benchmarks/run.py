@@ -1,0 +1,60 @@
+"""Runs every benchmark and prints their tables; optionally writes JSON records.
+
+  python benchmarks/run.py [--quick] [--json FILE] [--config configs/X.py]
+
+``--quick`` uses the smoke-sized model (configs/smoke.py): about a minute on
+a 2-core CPU. Without it, configs/fashion_mnist.py: several minutes on a CPU,
+most of it the guided teacher sampling at 2 x 256 evaluations. The same
+command runs on an accelerator (the peak is then a bf16 or f32 matmul on it).
+
+The JSON file is a list of {"name", "value", "unit"}; among them:
+  teacher_step_peak_fraction         XLA flops / step time / measured matmul peak
+  stage1_step_over_teacher_step      stage-1 step time / teacher step time
+  stage2_step_over_teacher_step      stage-2 step time / teacher step time
+  sampling_speedup_over_nfe_ratio    (time 2x256 guided teacher / time 4-step student) / 128
+  sampler_compile_ratio_1024_over_4  sampler compile time at N=1024 / at N=4
+"""
+
+from __future__ import annotations
+
+import time
+
+import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_FLAGS first
+
+import compile_time  # pylint: disable=g-import-not-at-top
+import sampling_speed  # pylint: disable=g-import-not-at-top
+import train_steps  # pylint: disable=g-import-not-at-top
+
+HEADLINE = ('teacher_step_peak_fraction', 'stage1_step_over_teacher_step',
+            'stage2_step_over_teacher_step', 'sampling_speedup_over_nfe_ratio',
+            'sampler_compile_ratio_1024_over_4')
+
+
+def main():
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument('--sample-batch', type=int, default=None,
+                 help='images per sampler call (default: 1 per class on CPU, 64 on accelerators)')
+  p.add_argument('--only', default='train,sampling,compile',
+                 help='comma-separated subset of train,sampling,compile')
+  args = p.parse_args()
+  setup = common.make_setup(args)
+  print(setup.describe(), flush=True)
+  records = common.Records()
+  only = set(args.only.split(','))
+  t0 = time.perf_counter()
+  if 'train' in only:
+    train_steps.run(setup, records)
+  if 'sampling' in only:
+    sampling_speed.run(setup, records, batch=args.sample_batch)
+  if 'compile' in only:
+    compile_time.run(setup, records)
+  records.add('benchmark_wall_seconds', time.perf_counter() - t0, 's')
+  by_name = {r['name']: r for r in records.items}
+  common.table('Headline', ['name', 'value', 'unit'],
+               [[n, by_name[n]['value'], by_name[n]['unit']] for n in HEADLINE if n in by_name])
+  if args.json:
+    records.write(args.json)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,105 @@
+"""Sampling speed: the guided teacher at 2 x N evaluations against the
+distilled student at 1/2/4/8 steps, on the same batch.
+
+For each sampler: images/s, network evaluations (NFE) per image, and the
+student's wall-clock speed-up over the guided teacher at 2 x 256 next to the
+ratio of their NFE (speed-up / NFE ratio = 1 means the step count is all that
+matters). Samplers are gdistill.sampling's compiled ones (DDIM, step count a
+traced argument, so each network compiles once for every N).
+
+  python benchmarks/sampling_speed.py [--quick] [--config configs/X.py] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_FLAGS first
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+from gdistill import sampling, sharding  # pylint: disable=g-import-not-at-top
+
+TEACHER_STEPS = (64, 256)
+STUDENT_STEPS = (1, 2, 4, 8)
+REFERENCE_TEACHER_STEPS = 256
+REFERENCE_STUDENT_STEPS = 4
+
+
+def sample_batch_size(setup: common.Setup, requested=None) -> int:
+  """Default: on a CPU one image per class (2 x 256 guided evaluations of a
+  larger batch take minutes there), on an accelerator 64 per class (small
+  batches leave it latency-bound); a multiple of the device count."""
+  n = setup.mesh.size
+  per_class = 1 if jax.devices()[0].platform == 'cpu' else 64
+  b = requested or per_class * setup.num_classes
+  return -(-b // n) * n
+
+
+def run(setup: common.Setup, records: common.Records, *, batch=None, rounds=None) -> dict:
+  rounds = rounds or (3 if setup.quick else 2)
+  mesh, c = setup.mesh, setup.config
+  b = sample_batch_size(setup, batch)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  key = jax.random.PRNGKey(0)
+  label = jax.device_put(jax.random.randint(key, (b,), 0, setup.num_classes), batch_sh)
+  z_1 = jax.device_put(jax.random.normal(key, (b, *setup.image_shape)), batch_sh)
+  w, rng = jax.device_put((jnp.float32(c.samples.teacher_w), key), repl)
+  steps = lambda n: jax.device_put(jnp.int32(n), repl)
+
+  make = lambda net, mode: sampling.make_sample_fn(apply_fn=net.apply, mean_type=c.diffusion.mean_type,
+                                                   num_classes=setup.num_classes, mode=mode,
+                                                   sampler='ddim')
+  samplers = {'guided teacher': (make(setup.teacher_net, 'guided'), common.teacher_params(setup)),
+              'student': (make(setup.student_net, 'student'), common.student_params(setup))}
+  compile_s = {}
+  for name, (fn, params) in samplers.items():
+    _, compile_s[name] = common.timed_compile(fn, params, label, w, z_1, steps(1), rng)
+    common.block(fn(params, label, w, z_1, steps(1), rng))  # jit's own cache, for the calls
+
+  cases = [('guided teacher', n) for n in TEACHER_STEPS] + [('student', n) for n in STUDENT_STEPS]
+
+  def call(name, n):
+    fn, params = samplers[name]
+    n_arr = steps(n)
+    return lambda: fn(params, label, w, z_1, n_arr, rng)
+  times = common.interleaved_times({case: call(*case) for case in cases}, rounds=rounds,
+                                   min_call_seconds=0.2 if setup.quick else 0.5)
+
+  nfe = {(name, n): n * sampling.nfe_per_step('guided' if name == 'guided teacher' else 'student')
+         for name, n in cases}
+  ref = ('guided teacher', REFERENCE_TEACHER_STEPS)
+  rows = []
+  for case in cases:
+    rows.append([case[0], case[1], nfe[case], times[case], b / times[case],
+                 times[ref] / times[case], nfe[ref] / nfe[case],
+                 (times[ref] / times[case]) / (nfe[ref] / nfe[case])])
+  common.table(f'Sampling, batch {b} ({setup.describe()})\n'
+                f'compile: guided teacher {compile_s["guided teacher"]:.1f}s, '
+                f'student {compile_s["student"]:.1f}s (once for every N)',
+                ['sampler', 'steps', 'NFE/image', 'seconds', 'img/s',
+                 f'speed-up vs 2x{REFERENCE_TEACHER_STEPS}', 'NFE ratio', 'speed-up/NFE ratio'],
+                rows)
+  for case in cases:
+    tag = 'teacher_guided' if case[0] == 'guided teacher' else 'student'
+    records.add(f'sampling_{tag}_{case[1]}steps_images_per_s', b / times[case], 'images/s')
+  stu = ('student', REFERENCE_STUDENT_STEPS)
+  speedup = times[ref] / times[stu]
+  records.add('sampling_speedup_4step_student_vs_2x256_teacher', speedup, 'x')
+  records.add('sampling_nfe_ratio_4step_student_vs_2x256_teacher', nfe[ref] / nfe[stu], 'x')
+  records.add('sampling_speedup_over_nfe_ratio', speedup / (nfe[ref] / nfe[stu]), 'fraction')
+  return {'times': times, 'batch': b}
+
+
+def main():
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument('--sample-batch', type=int, default=None,
+                 help='images per sampler call (default: 1 per class on CPU, 64 on accelerators)')
+  args = p.parse_args()
+  records = common.Records()
+  run(common.make_setup(args), records, batch=args.sample_batch)
+  if args.json:
+    records.write(args.json)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,122 @@
+"""Progressive distillation of the DDIM encoder (the reverse process), as pure functions.
+
+For image-to-image translation an image is encoded to noise by DDIM run
+backwards, t from 0 to 1, under its source condition (``shared/METHOD.md``
+section 6). Like the decoder, this encoder is distilled by halving: one
+student step of 1/M from s matches two teacher steps of 1/(2M). The first
+teacher is the stage-1 (w-conditioned) model queried at a fixed w (``encode_w``);
+each student starts as a copy of its teacher.
+
+``encoder_distill_loss`` has the signature of ``losses.stage2_loss`` and runs in
+the same generic loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gdistill import diffusion
+from gdistill.guidance import model_x_hat
+
+ENCODER_PREFIX = 'encoder_n'
+
+
+def encoder_phase_name(student_steps: int) -> str:
+  return f'{ENCODER_PREFIX}{student_steps:04d}'
+
+
+def encoder_halvings(start_steps: int, min_steps: int) -> list[int]:
+  """Student step counts, e.g. start 32, min 4 -> [16, 8, 4]."""
+  out, n = [], start_steps // 2
+  while n >= min_steps:
+    out.append(n)
+    n //= 2
+  return out
+
+
+def encoder_time_grid(rng, batch, *, student_steps, grid):
+  """Start times s of the student's encoder steps, shape [B].
+
+  ``deterministic``: s = i / M, i ~ U{0..M-1} (what its M-step encoder queries).
+  ``both``: s = i / (2M), i ~ U{0..2M-2}: the finer grid as well, every s with
+  s + 1/M <= 1.
+  """
+  m = jnp.asarray(student_steps, jnp.float32)
+  if grid == 'deterministic':
+    return jax.random.randint(rng, (batch,), 0, student_steps).astype(jnp.float32) / m
+  if grid == 'both':
+    i = jax.random.randint(rng, (batch,), 0, 2 * student_steps - 1)
+    return i.astype(jnp.float32) / (2.0 * m)
+  raise ValueError(f'translate.encoder.time_grid={grid!r}: expected "deterministic" or "both"')
+
+
+def encoder_target(x_fn, *, z_s, s, student_steps, clean_start):
+  """Two teacher reverse-DDIM steps of 1/(2M) from s, and the x_tilde one student step needs.
+
+  t' = s + 1/(2M), t'' = s + 1/M (at most 1):
+    x1 = x_fn(z_s, s);    z_t'  = alpha_t'  x1 + (sigma_t'  / sigma_s ) (z_s  - alpha_s  x1)
+    x2 = x_fn(z_t', t');  z_t'' = alpha_t'' x2 + (sigma_t'' / sigma_t') (z_t' - alpha_t' x2)
+    x_tilde = (z_t'' - (sigma_t'' / sigma_s) z_s) / (alpha_t'' - (sigma_t'' / sigma_s) alpha_s).
+  The reverse step is the DDIM step formula with the times swapped, so its inverse is
+  ``diffusion.distillation_target`` unchanged. Its denominator is
+  sigma_t'' (exp(lambda_t'' / 2) - exp(lambda_s / 2)), never 0 for t'' > s: unlike the
+  decoder, no step needs a special case. With ``clean_start`` (a teacher that is a
+  DDIM encoder, ``samplers.ddim_encode``), x1 = z_s where s = 0.
+
+  Args:
+    x_fn: ``x_fn(z [B, H, W, C], t [B]) -> x_hat``, the teacher.
+    z_s: [B, H, W, C] on the forward process at s.
+    s: [B] start times on the student's grid.
+    student_steps: M (may be traced).
+    clean_start: bool (may be traced).
+  Returns:
+    x_tilde [B, H, W, C], no gradient.
+  """
+  m = jnp.asarray(student_steps, jnp.float32)
+  t1 = jnp.minimum(s + 0.5 / m, 1.0)
+  t2 = jnp.minimum(s + 1.0 / m, 1.0)
+  ls, l1, l2 = (diffusion.logsnr_schedule_cosine(u) for u in (s, t1, t2))
+  first_clean = jnp.logical_and(clean_start, s == 0).reshape(s.shape + (1,) * (z_s.ndim - 1))
+  x1 = jnp.where(first_clean, z_s, x_fn(z_s, s))
+  z_1 = diffusion.ddim_step(z_t=z_s, x_hat=x1, logsnr_t=ls, logsnr_s=l1)
+  x2 = x_fn(z_1, t1)
+  z_2 = diffusion.ddim_step(z_t=z_1, x_hat=x2, logsnr_t=l1, logsnr_s=l2)
+  x_tilde = diffusion.distillation_target(z_t=z_s, z_target=z_2, logsnr_t=ls, logsnr_target=l2)
+  return jax.lax.stop_gradient(x_tilde)
+
+
+def encoder_distill_loss(params, teacher, batch, rng, *, apply_fn, mean_type, encode_w, grid,
+                         weighting):
+  """One student encoder step from s matches two teacher encoder steps.
+
+  ``teacher`` holds the teacher's ``params``, the student's step count ``num_steps``
+  and ``clean_start`` (traced scalars, so all halvings share one compiled step).
+  The condition is the image's own label (the source class) at w = ``encode_w``;
+  z_s = alpha_s x + sigma_s eps with x from data: the encoder's trajectories follow
+  the forward marginals.
+  loss = E[omega(lambda_s) ||x_hat_student(z_s, c, w) - x_tilde||^2].
+  At s = 0 the student's x_hat must differ from z_0 by sigma_0 eps_hat: use a
+  v- or eps-parameterised network (``diffusion.mean_type``), not x.
+  """
+  x, label = batch['image'], batch['label']
+  b = x.shape[0]
+  s_rng, eps_rng, dropout_rng = jax.random.split(rng, 3)
+  m = teacher['num_steps']
+  s = encoder_time_grid(s_rng, b, student_steps=m, grid=grid)
+  logsnr = diffusion.logsnr_schedule_cosine(s)
+  z_s = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
+  w = jnp.full((b,), encode_w, jnp.float32)
+
+  def teacher_x(z, u):
+    return model_x_hat(apply_fn=apply_fn, params=teacher['params'], z_t=z,
+                       logsnr=diffusion.logsnr_schedule_cosine(u), label=label, w=w,
+                       mean_type=mean_type)
+
+  x_target = encoder_target(teacher_x, z_s=z_s, s=s, student_steps=m,
+                            clean_start=teacher['clean_start'])
+  x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_s, logsnr=logsnr, label=label,
+                      w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
+  per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
+                                         weighting=weighting)
+  return per_example.mean(), {}

@@ -1,0 +1,228 @@
+"""The sweep's report: DIR/eval/report.json and the same as Markdown tables.
+
+report.json = {"protocol": {...}, "floor": {...}, "claims": [...], "rows": [...]}, one row
+per evaluated setting with keys model (teacher, teacher_ddim, student), steps, nfe,
+sampler, w, fid, is, is_std, precision, recall, num_samples, seconds_per_image,
+checkpoint (phase@step) and weights (ema or raw). Non-finite numbers are written as null.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Optional
+
+from gdistill.metric_writer import log
+
+JSON_NAME = 'report.json'
+MD_NAME = 'report.md'
+MODEL_ORDER = {'teacher': 0, 'teacher_ddim': 1, 'student': 2}
+# The paper's claims (METHOD.md section 7) as targets: student steps -> allowed FID excess
+# over the guided-DDIM teacher at its largest step count.
+CLAIM_TOLERANCE = {8: 0.10, 4: 0.25}
+NOT_COMPARABLE = ('FID and IS below are computed in the feature space of gdistill\'s own '
+                  'classifier, not Inception-v3: they rank settings of this dataset against '
+                  'each other and against the floor, and are not comparable to Inception '
+                  'FID / IS in the literature.')
+
+
+def protocol(*, config, num_classes: int, image_shape, feature_net: dict, reference_examples: int,
+             checkpoints: dict, missing: list, num_devices: int) -> dict:
+  """Everything a reader needs to reproduce or compare the numbers."""
+  e = config.eval
+  return {
+      'dataset': config.data.name, 'image_shape': [int(s) for s in image_shape],
+      'num_classes': int(num_classes),
+      'feature_network': feature_net,
+      'note': '' if feature_net.get('comparable_to_inception_fid') else NOT_COMPARABLE,
+      'reference_split': e.reference_split, 'reference_examples': int(reference_examples),
+      'floor_split': e.floor_split or config.data.eval_split,
+      'num_samples': int(e.num_samples), 'batch_size': int(e.batch_size), 'seed': int(e.seed),
+      'labels': 'class-balanced: sample i has label i mod K; the same labels and noise z_1 '
+                'in every row',
+      'quantisation': 'uint8 round((clip(x, -1, 1) + 1) * 127.5) before the feature network',
+      'is_splits': 10, 'precision_recall_k': int(e.precision_recall_k),
+      'precision_recall_real': f'{int(e.num_samples)} random images of the '
+                               f'{e.reference_split} split',
+      'weights': {phase: c['weights'] for phase, c in checkpoints.items()},
+      'checkpoints': {phase: c['step'] for phase, c in checkpoints.items()},
+      'missing_students': list(missing),
+      'nfe': 'network evaluations per sample: guided teacher step = 2 (conditional and '
+             'unconditional branches), student step = 1',
+      'stochastic_sampler': f'an N-step stochastic row uses the N/2-step student '
+                            f'(stage2.time_grid={config.stage2.time_grid!r})',
+      'seconds_per_image': f'sampling wall-clock after compilation / images sampled '
+                           f'(batches of {int(e.batch_size)} over {num_devices} '
+                           f'{_platform()} device(s))',
+  }
+
+
+def _platform() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.devices()[0].platform
+
+
+def fingerprint(protocol_dict: dict, feature_fingerprint: str) -> str:
+  """Rows computed under the same fingerprint are comparable and reusable."""
+  p = protocol_dict
+  keys = ('dataset', 'reference_split', 'reference_examples', 'num_samples', 'batch_size',
+          'seed', 'precision_recall_k')
+  blob = json.dumps({'features': feature_fingerprint, **{k: p[k] for k in keys}},
+                    sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reusable_rows(path: str, fp: str) -> list[dict]:
+  """The rows of an existing report with the same fingerprint, else none."""
+  if not os.path.isfile(path):
+    return []
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    log(f'eval: {path} is unreadable; starting a fresh report')
+    return []
+  if old.get('protocol', {}).get('fingerprint') != fp:
+    log(f'eval: {path} was made under another protocol (samples, seed, feature network or '
+        f'reference); its rows are not reused')
+    return []
+  return list(old.get('rows', []))
+
+
+def _finite(x) -> Optional[float]:
+  return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _steps(n: int) -> str:
+  return f'{n} step' + ('' if n == 1 else 's')
+
+
+def _sort_key(r: dict):
+  return (r['w'], MODEL_ORDER.get(r['model'], 9), r['sampler'], r['nfe'])
+
+
+def claims(rows: list[dict]) -> list[dict]:
+  """The paper's claims checked on the rows, per w (METHOD.md section 7).
+
+  * an 8-step student (best of its samplers) within 10% of the teacher's FID, a
+    4-step one within 25%; the teacher is the guided-DDIM row with most steps;
+  * every student row better than the teacher's guided DDIM at the same NFE.
+  """
+  out = []
+  for w in sorted({r['w'] for r in rows}):
+    rs = [r for r in rows if r['w'] == w and _finite(r.get('fid')) is not None]
+    teachers = [r for r in rs if r['model'] == 'teacher']
+    students = [r for r in rs if r['model'] == 'student']
+    if teachers:
+      ref = max(teachers, key=lambda r: r['steps'])
+      for steps, tol in sorted(CLAIM_TOLERANCE.items(), reverse=True):
+        cands = [r for r in students if r['steps'] == steps]
+        if not cands:
+          continue
+        best = min(cands, key=lambda r: r['fid'])
+        target = ref['fid'] * (1 + tol)
+        out.append({'w': w, 'claim': f'{steps}-step student FID within {tol:.0%} of the '
+                                     f'teacher ({_steps(ref["steps"])}, NFE {ref["nfe"]})',
+                    'student': f'{best["sampler"]} {_steps(best["steps"])}',
+                    'value': best['fid'], 'reference': ref['fid'], 'target': target,
+                    'passed': best['fid'] <= target})
+    baselines = {r['nfe']: r for r in rs if r['model'] in ('teacher', 'teacher_ddim')}
+    for r in sorted(students, key=lambda r: (r['nfe'], r['sampler'])):
+      b = baselines.get(r['nfe'])
+      if b is None:
+        continue
+      out.append({'w': w, 'claim': f'student beats the teacher\'s guided DDIM at NFE '
+                                   f'{r["nfe"]} ({_steps(b["steps"])})',
+                  'student': f'{r["sampler"]} {_steps(r["steps"])}',
+                  'value': r['fid'], 'reference': b['fid'], 'target': b['fid'],
+                  'passed': r['fid'] < b['fid']})
+  return out
+
+
+def build(*, protocol: dict, floor: dict, rows: list[dict]) -> dict:  # pylint: disable=redefined-outer-name
+  rows = sorted(rows, key=_sort_key)
+  return {'protocol': protocol, 'floor': floor, 'claims': claims(rows), 'rows': rows}
+
+
+def _clean(x):
+  if isinstance(x, dict):
+    return {k: _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  if isinstance(x, float):
+    return _finite(x)
+  return x
+
+
+def _fmt(x, digits=3) -> str:
+  x = _finite(x) if not isinstance(x, bool) else x
+  return '-' if x is None else f'{x:.{digits}f}'
+
+
+def _ms(seconds) -> Optional[float]:
+  return None if _finite(seconds) is None else seconds * 1e3
+
+
+def markdown(rep: dict) -> str:
+  """The report as Markdown: protocol, floor, claims, then one table per w."""
+  p, floor = rep['protocol'], rep['floor']
+  fn = p['feature_network']
+  weights = ', '.join(f'{k} {v} (step {p["checkpoints"][k]})' for k, v in p['weights'].items())
+  lines = [f'# gdistill evaluation: {p["dataset"]}', '',
+           f'- Samples: {p["num_samples"]} per row ({p["labels"]}); seed {p["seed"]}, '
+           f'batches of {p["batch_size"]}.',
+           f'- Feature network: {fn["description"]} ({fn["path"]}).',
+           f'- FID against the {p["reference_split"]} split ({p["reference_examples"]} images); '
+           f'IS over {p["is_splits"]} splits; precision/recall with k={p["precision_recall_k"]} '
+           f'against {p["precision_recall_real"]}.',
+           f'- Weights: {weights}.',
+           f'- NFE: {p["nfe"]}. Stochastic sampler: {p["stochastic_sampler"]}.',
+           f'- Seconds per image: {p["seconds_per_image"]}.']
+  if p.get('missing_students'):
+    lines.append(f'- Not evaluated (no finished checkpoint): {", ".join(p["missing_students"])}.')
+  if p.get('note'):
+    lines += ['', f'> {p["note"]}']
+  lines += ['', '## Floor: real held-out images', '',
+            '| split | images | FID | FID (whole split) | IS | precision | recall |',
+            '|---|---|---|---|---|---|---|',
+            f'| {floor["split"]} | {floor["num_samples"]} | {_fmt(floor["fid"])} | '
+            f'{_fmt(floor["fid_full"])} ({floor["num_full"]}) | {_fmt(floor["is"])} | '
+            f'{_fmt(floor["precision"])} | {_fmt(floor["recall"])} |']
+  if rep['claims']:
+    lines += ['', '## The paper\'s claims as targets', '',
+              '| w | claim | student | FID | reference FID | target | result |',
+              '|---|---|---|---|---|---|---|']
+    for c in rep['claims']:
+      lines.append(f'| {c["w"]:g} | {c["claim"]} | {c["student"]} | {_fmt(c["value"])} | '
+                   f'{_fmt(c["reference"])} | {_fmt(c["target"])} | '
+                   f'{"pass" if c["passed"] else "FAIL"} |')
+  for w in sorted({r['w'] for r in rep['rows']}):
+    lines += ['', f'## w = {w:g}', '',
+              '| model | sampler | steps | NFE | FID | IS | precision | recall | ms / image |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for r in (r for r in rep['rows'] if r['w'] == w):
+      lines.append(f'| {r["model"]} | {r["sampler"]} | {r["steps"]} | {r["nfe"]} | '
+                   f'{_fmt(r["fid"])} | {_fmt(r["is"])} | {_fmt(r["precision"])} | '
+                   f'{_fmt(r["recall"])} | {_fmt(_ms(r.get("seconds_per_image")), 2)} |')
+  lines += ['', '## Plots', '', '![FID vs NFE](fid_vs_nfe.png)', '',
+            '![FID vs IS](fid_vs_is.png)', '', '![Precision and recall vs w](pr_vs_w.png)', '',
+            'Sample grids (a row per class): `samples/<model>-<sampler>-steps<N>-w<w>.png`.', '']
+  return '\n'.join(lines)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write(eval_dir: str, *, protocol: dict, floor: dict, rows: list[dict]) -> dict:  # pylint: disable=redefined-outer-name
+  """Writes report.json and report.md; returns the report dict."""
+  rep = _clean(build(protocol=protocol, floor=floor, rows=rows))
+  os.makedirs(eval_dir, exist_ok=True)
+  _write_atomic(os.path.join(eval_dir, JSON_NAME), json.dumps(rep, indent=1) + '\n')
+  _write_atomic(os.path.join(eval_dir, MD_NAME), markdown(rep))
+  return rep

@@ -1,0 +1,289 @@
+"""The training objectives, checked against independent computations.
+
+The stage-2 target is checked with the exact denoiser of Gaussian data and a
+float64 re-implementation of METHOD.md section 4; the stage-1 target and the
+student initialisation with a tiny U-Net whose weights are all perturbed (a
+fresh U-Net predicts exactly 0, which would hide any mistake).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gd_testlib import GaussianData, perturb_params
+from gdistill import diffusion, losses
+from gdistill.guidance import model_x_hat
+from gdistill.networks import student_from_teacher
+
+# ---- float64 reference of METHOD.md sections 1 and 4 -------------------------------
+
+
+def _logsnr64(t):
+  b = np.arctan(np.exp(-10.0))
+  a = np.arctan(np.exp(10.0)) - b
+  return -2.0 * np.log(np.tan(a * np.asarray(t, np.float64) + b))
+
+
+def _alpha_sigma64(t):
+  lam = _logsnr64(t)
+  return np.sqrt(1.0 / (1.0 + np.exp(-lam))), np.sqrt(1.0 / (1.0 + np.exp(lam)))
+
+
+def _x_hat64(data, z, t):
+  alpha, sigma = (v[:, None, None, None] for v in _alpha_sigma64(t))
+  gain = alpha * data.s**2 / (alpha**2 * data.s**2 + sigma**2)
+  return data.mu + gain * (z - alpha * data.mu)
+
+
+def _ddim64(z, x, t, s):
+  a_t, s_t = (v[:, None, None, None] for v in _alpha_sigma64(t))
+  a_s, s_s = (v[:, None, None, None] for v in _alpha_sigma64(s))
+  return a_s * x + s_s * (z - a_t * x) / s_t
+
+
+def _two_teacher_steps64(data, z_t, t, n):
+  """x1, z_t', x2, z_t'' of METHOD.md section 4, step 3 (teacher steps of 1/(2N))."""
+  t1, t2 = np.maximum(t - 0.5 / n, 0.0), np.maximum(t - 1.0 / n, 0.0)
+  x1 = _x_hat64(data, z_t, t)
+  z1 = _ddim64(z_t, x1, t, t1)
+  x2 = _x_hat64(data, z1, t1)
+  z2 = _ddim64(z1, x2, t1, t2)
+  return x1, z1, x2, z2
+
+
+# ---- stage 2 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize('n', [1, 2, 4, 16, 128])
+def test_stage2_target_one_student_step_equals_two_teacher_steps(n):
+  """For every t = i / (2N) (the 'both' grid, which contains the 'deterministic' one)."""
+  data = GaussianData(mu=0.3, s=0.5)
+  t = np.arange(1, 2 * n + 1) / (2.0 * n)  # [B], every grid point once
+  z_t = np.random.default_rng(n).standard_normal((t.size, 3, 3, 2)) * 1.2
+  x_tilde = np.asarray(losses.stage2_target(
+      data.denoise_fn, z_t=jnp.asarray(z_t, jnp.float32), t=jnp.asarray(t, jnp.float32),
+      student_steps=n), np.float64)
+  assert np.all(np.isfinite(x_tilde))
+  x1, _, x2, z2 = _two_teacher_steps64(data, z_t, t, n)
+  t2 = np.maximum(t - 1.0 / n, 0.0)
+  inner = t2 > 0
+  # One student DDIM step from t to t'' with x_tilde lands on the teacher's z_t''.
+  z_student = _ddim64(z_t, x_tilde, t, t2)
+  assert inner.sum() == 2 * n - 2
+  if inner.any():
+    np.testing.assert_allclose(z_student[inner], z2[inner], rtol=2e-4, atol=2e-4)
+    # And x_tilde is the formula of METHOD.md section 4, step 4.
+    a_t, s_t = (v[:, None, None, None] for v in _alpha_sigma64(t))
+    a_u, s_u = (v[:, None, None, None] for v in _alpha_sigma64(t2))
+    want = (z2 - (s_u / s_t) * z_t) / (a_u - (s_u / s_t) * a_t)
+    denom = np.abs(a_u - (s_u / s_t) * a_t)[inner].min()
+    np.testing.assert_allclose(x_tilde[inner], want[inner], atol=1e-5 / denom)
+  # The last student step (t'' = 0, t = 1/N): the target is the teacher's x2 ...
+  last = np.isclose(t, 1.0 / n)
+  np.testing.assert_allclose(x_tilde[last], x2[last], rtol=1e-4, atol=1e-5)
+  # ... and a student step to t'' = 0 with it still lands on the teacher's z_0.
+  np.testing.assert_allclose(z_student[last], z2[last], atol=1e-3)
+  # Where already t' = 0 (t = 1/(2N)): the teacher's first prediction x1 (a second
+  # teacher call at t' = 0 would return about the same: x_hat(z_0) = z_0 = x1).
+  first = np.isclose(t, 0.5 / n)
+  np.testing.assert_allclose(x_tilde[first], x1[first], rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_target_is_not_one_teacher_step():
+  """Guards the test above against a degenerate denoiser: two steps of 1/(2N)
+  differ from one step of 1/N, so x_tilde differs from the teacher's x1."""
+  data, n = GaussianData(mu=0.3, s=0.5), 2
+  t = np.array([1.0, 0.75])
+  z_t = np.random.default_rng(0).standard_normal((2, 3, 3, 1))
+  x_tilde = np.asarray(losses.stage2_target(data.denoise_fn, z_t=jnp.asarray(z_t, jnp.float32),
+                                            t=jnp.asarray(t, jnp.float32), student_steps=n))
+  x1 = _x_hat64(data, z_t, t)
+  assert np.abs(x_tilde - x1).max() > 1e-3
+
+
+@pytest.mark.parametrize('grid,denom', [('deterministic', 1), ('both', 2)])
+@pytest.mark.parametrize('n', [1, 4, 32])
+def test_stage2_time_grid_on_grid_and_covers_it(grid, denom, n):
+  sample = jax.jit(functools.partial(losses.stage2_time_grid, batch=4096, grid=grid))
+  for steps in (n, jnp.int32(n)):  # a Python int, and traced as in stage2_loss
+    t = np.asarray(sample(jax.random.PRNGKey(n), student_steps=steps), np.float64)
+    i = t * denom * n
+    np.testing.assert_allclose(i, np.round(i), atol=1e-4)
+    assert set(np.round(i).astype(int)) == set(range(1, denom * n + 1))
+
+
+def test_stage2_time_grid_rejects_unknown_grid():
+  with pytest.raises(ValueError, match='time_grid'):
+    losses.stage2_time_grid(jax.random.PRNGKey(0), 4, student_steps=2, grid='odd')
+
+
+def _recording_apply(calls, fn):
+  """A stand-in network: records every call's inputs, outputs ``fn(z, logsnr)``."""
+  def apply_fn(variables, z, logsnr, label, train=False, rngs=None, w=None):
+    calls.append(dict(params=variables['params'], logsnr=np.asarray(logsnr),
+                      label=np.asarray(label), w=None if w is None else np.asarray(w),
+                      train=train))
+    return fn(z, logsnr)
+  return apply_fn
+
+
+def test_stage2_loss_queries_teacher_twice_with_same_label_and_w():
+  data = GaussianData()
+  calls = []
+  apply_fn = _recording_apply(calls, data.x_hat)
+  b, n = 64, 4
+  batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
+  loss, _ = losses.stage2_loss(
+      'student', {'params': 'teacher', 'num_steps': jnp.int32(n)}, batch, jax.random.PRNGKey(0),
+      apply_fn=apply_fn, mean_type='x', w_min=1.0, w_max=3.0, grid='deterministic',
+      weighting='snr_trunc')
+  assert np.isfinite(loss)
+  assert [c['params'] for c in calls] == ['teacher', 'teacher', 'student']
+  assert [c['train'] for c in calls] == [False, False, True]
+  for c in calls:
+    np.testing.assert_array_equal(c['label'], batch['label'])
+    np.testing.assert_array_equal(c['w'], calls[0]['w'])
+  assert 1.0 <= calls[0]['w'].min() and calls[0]['w'].max() <= 3.0
+  assert calls[0]['w'].std() > 0.3  # drawn per example
+  assert calls[0]['logsnr'].shape == (b,)
+  np.testing.assert_array_equal(calls[2]['logsnr'], calls[0]['logsnr'])  # student at t
+  # the second teacher call is at t' = t - 1/(2N)
+  lam_t = calls[0]['logsnr']
+  tt = np.array([k / n for k in range(1, n + 1)])
+  idx = np.argmin(np.abs(_logsnr64(tt)[None, :] - lam_t[:, None]), axis=1)
+  np.testing.assert_allclose(calls[1]['logsnr'], _logsnr64(tt[idx] - 0.5 / n), rtol=1e-4, atol=1e-3)
+
+
+# ---- teacher loss -------------------------------------------------------------------
+
+@pytest.mark.parametrize('p_uncond', [0.0, 0.2])
+def test_teacher_loss_drops_label_at_rate_p_uncond(p_uncond):
+  calls = []
+  apply_fn = _recording_apply(calls, lambda z, logsnr: jnp.zeros_like(z))
+  b, k = 40_000, 10
+  label = jnp.asarray(np.random.default_rng(0).integers(0, k, b), jnp.int32)
+  batch = {'image': jnp.zeros((b, 1, 1, 1)), 'label': label}
+  losses.teacher_loss({}, {}, batch, jax.random.PRNGKey(1), apply_fn=apply_fn, mean_type='x',
+                      num_classes=k, p_uncond=p_uncond, weighting='snr_trunc')
+  (call,) = calls
+  seen = call['label']
+  dropped = seen != np.asarray(label)
+  assert np.all(seen[dropped] == k)  # dropped labels become the null label, K
+  assert call['train']
+  # Binomial(40000, p): 5 standard deviations is at most 0.01.
+  assert abs(dropped.mean() - p_uncond) < 0.01
+  if p_uncond:
+    assert dropped.sum() > 0
+
+
+def test_teacher_loss_is_weighted_x_error():
+  """A network predicting x_hat = 0 has loss E[max(SNR, 1) mean(x^2)]."""
+  b = 20_000
+  calls = []
+  apply_fn = _recording_apply(calls, lambda z, logsnr: jnp.zeros_like(z))
+  batch = {'image': jnp.full((b, 1, 1, 1), 0.5), 'label': jnp.zeros((b,), jnp.int32)}
+  loss, _ = losses.teacher_loss({}, {}, batch, jax.random.PRNGKey(2), apply_fn=apply_fn,
+                                mean_type='x', num_classes=10, p_uncond=0.1,
+                                weighting='snr_trunc')
+  lam = calls[0]['logsnr']
+  np.testing.assert_allclose(loss, np.mean(np.maximum(np.exp(lam), 1.0) * 0.25), rtol=1e-5)
+  # t ~ U[0, 1]: logsnr is the schedule at uniform times (compare quartiles).
+  t = np.linspace(0.0, 1.0, 5)[1:-1]
+  np.testing.assert_allclose(np.quantile(lam, [0.75, 0.5, 0.25]), _logsnr64(t), atol=0.15)
+
+
+# ---- stage 1 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def teacher(tiny_nets):
+  """A tiny U-Net teacher whose every weight (including the zero-initialised
+  output conv) is perturbed, so cond and uncond predictions really differ."""
+  params = perturb_params(tiny_nets['fresh'], seed=10)
+  k = tiny_nets['num_classes']
+  rng = np.random.default_rng(11)
+  b = 6
+  z = jnp.asarray(rng.standard_normal((b, *tiny_nets['shape'])), jnp.float32)
+  logsnr = jnp.asarray(rng.uniform(-6, 6, b), jnp.float32)
+  label = jnp.asarray(rng.integers(0, k, b), jnp.int32)
+  return dict(tiny_nets, params=params, z=z, logsnr=logsnr, label=label, b=b)
+
+
+def _x_from_net(apply, params, z, logsnr, label):
+  return diffusion.x_from_v(z_t=z, v=apply(params, z, logsnr, label), logsnr=logsnr)
+
+
+def test_stage1_target_is_guided_teacher(teacher):
+  tch = teacher
+  k = tch['num_classes']
+  cond = _x_from_net(tch['apply'], tch['params'], tch['z'], tch['logsnr'], tch['label'])
+  uncond = _x_from_net(tch['apply'], tch['params'], tch['z'], tch['logsnr'],
+                       jnp.full_like(tch['label'], k))
+  assert np.abs(cond - uncond).max() > 1e-2  # the label matters to this teacher
+  target = jax.jit(functools.partial(losses.stage1_target, teacher_apply=tch['base'].apply,
+                                     num_classes=k, mean_type='v'))
+  w0 = target(teacher_params=tch['params'], z_t=tch['z'], logsnr=tch['logsnr'],
+              label=tch['label'], w=jnp.zeros((tch['b'],)))
+  np.testing.assert_allclose(w0, cond, rtol=1e-5, atol=1e-5)
+  w = jnp.array([0.5, 1.0, 2.0, 3.0, 4.0, 7.5])
+  got = target(teacher_params=tch['params'], z_t=tch['z'], logsnr=tch['logsnr'],
+               label=tch['label'], w=w)
+  want = (1 + w[:, None, None, None]) * cond - w[:, None, None, None] * uncond
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_student_from_teacher_equals_conditional_teacher(teacher):
+  tch = teacher
+  student = student_from_teacher(tch['fresh_w'], tch['params'])
+  want = tch['apply'](tch['params'], tch['z'], tch['logsnr'], tch['label'])
+  assert np.abs(want).max() > 1e-2
+  for w in (0.0, 0.7, 4.0, 14.0):
+    got = tch['apply_w'](student, tch['z'], tch['logsnr'], tch['label'], jnp.full((tch['b'],), w))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_student_from_teacher_rejects_mismatched_teacher(tiny_nets):
+  bigger = dict(tiny_nets['fresh'])
+  bigger['conv_in'] = {'kernel': jnp.zeros((3, 3, 1, 17)), 'bias': jnp.zeros((17,))}
+  with pytest.raises(ValueError, match='conv_in'):
+    student_from_teacher(tiny_nets['fresh_w'], bigger)
+
+
+def test_stage1_loss_wiring():
+  """Stand-in networks: the teacher sees (c, null) for the same z_t and logsnr,
+  the student the same z_t, label and a per-example w in [w_min, w_max]; the
+  loss is zero exactly when the student predicts the guided combination."""
+  t_calls, s_calls = [], []
+  b, k = 256, 10
+  # Teacher: x_hat(c) = 0.1 * c everywhere (so uncond = 0.1 * K).
+  def teacher(variables, z, logsnr, label, train=False, rngs=None, w=None):
+    t_calls.append(dict(z=np.asarray(z), logsnr=np.asarray(logsnr), label=np.asarray(label),
+                        w=w, train=train))
+    return jnp.broadcast_to(0.1 * label.astype(jnp.float32)[:, None, None, None], z.shape)
+
+  def student(variables, z, logsnr, label, train=False, rngs=None, w=None):
+    s_calls.append(dict(z=np.asarray(z), logsnr=np.asarray(logsnr), label=np.asarray(label),
+                        w=np.asarray(w), train=train))
+    c = 0.1 * label.astype(jnp.float32)
+    guided = (1 + w) * c - w * 0.1 * k  # exactly the guided teacher
+    return jnp.broadcast_to((guided + variables['params'])[:, None, None, None], z.shape)
+
+  label = jnp.asarray(np.random.default_rng(0).integers(0, k, b), jnp.int32)
+  batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': label}
+  kw = dict(apply_fn=student, teacher_apply=teacher, mean_type='x', teacher_mean_type='x',
+            num_classes=k, w_min=0.5, w_max=3.0, weighting='snr_trunc')
+  loss0, _ = losses.stage1_loss(0.0, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw)
+  (tc,), (sc,) = t_calls, s_calls
+  np.testing.assert_array_equal(tc['label'], np.concatenate([label, np.full(b, k)]))
+  np.testing.assert_array_equal(tc['z'][:b], tc['z'][b:])
+  np.testing.assert_array_equal(tc['logsnr'][:b], tc['logsnr'][b:])
+  assert tc['w'] is None and not tc['train'] and sc['train']
+  np.testing.assert_array_equal(sc['z'], tc['z'][:b])
+  np.testing.assert_array_equal(sc['logsnr'], tc['logsnr'][:b])
+  np.testing.assert_array_equal(sc['label'], label)
+  assert 0.5 <= sc['w'].min() and sc['w'].max() <= 3.0 and sc['w'].std() > 0.5
+  assert float(loss0) < 1e-9
+  loss1, _ = losses.stage1_loss(0.1, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw)
+  weights = np.maximum(np.exp(sc['logsnr']), 1.0)
+  np.testing.assert_allclose(loss1, np.mean(weights * 0.01), rtol=1e-4)

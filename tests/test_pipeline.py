@@ -1,0 +1,349 @@
+"""The smoke pipeline through the real command line.
+
+Default (seconds each): every user error is one ``gdistill: error:`` line on
+stderr, a non-zero exit, no traceback, and the workdir left as it was.
+Slow (``-m slow``, minutes): a full smoke run writes what it should, and a run
+killed with SIGKILL and rerun ends with exactly the parameters of an
+uninterrupted run.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gdistill import checkpoint, train, workdir as workdir_lib
+from gdistill.networks import init_params, make_net
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_DEVICES = 2
+ERROR_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 1800
+# absl's log lines ("W1126 00:25:20.532292 1398... file.py:394] ...") are not
+# messages to the user; everything else on stderr is.
+_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+:\d+\] ')
+SMOKE_PHASES = ('teacher', 'stage1', 'stage2_n0004', 'stage2_n0002')
+SMOKE_SAMPLES = ('teacher_steps4_w0', 'teacher_steps4_w1', 'stage1_steps8_w0', 'stage1_steps8_w2',
+                 'stage2_n0004_steps4_w0', 'stage2_n0004_steps4_w2', 'stage2_n0002_steps2_w0',
+                 'stage2_n0002_steps2_w2')
+
+
+def _env():
+  """The user's environment: GDISTILL_CPU_DEVICES host devices, not conftest's 8."""
+  env = dict(os.environ)
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if 'xla_force_host_platform_device_count' not in f]
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env['GDISTILL_CPU_DEVICES'] = str(CPU_DEVICES)
+  env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [env.get('PYTHONPATH')] if p])
+  return env
+
+
+def _command(workdir, data_dir, *overrides):
+  cmd = [sys.executable, '-m', 'gdistill.main', '--config=configs/smoke.py',
+         f'--workdir={workdir}']
+  if data_dir:
+    cmd.append(f'--config.data.data_dir={data_dir}')
+  return cmd + list(overrides)
+
+
+def _run(workdir, data_dir, *overrides, timeout=ERROR_TIMEOUT_S):
+  return subprocess.run(_command(workdir, data_dir, *overrides), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _tree_hash(path):
+  """{relative path: sha256} of every file under ``path``; None if it does not exist."""
+  if not os.path.exists(path):
+    return None
+  out = {}
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      with open(full, 'rb') as f:
+        out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    for name in dirs:  # empty directories count too
+      out.setdefault(os.path.relpath(os.path.join(root, name), path) + '/', 'dir')
+  return out
+
+
+def _user_lines(stderr):
+  return [l for l in stderr.splitlines() if l.strip() and not _LOG_LINE.match(l)]
+
+
+def _assert_one_line_error(proc, *fragments):
+  lines = _user_lines(proc.stderr)
+  assert proc.returncode != 0, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout, proc.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith('gdistill: error: '), lines
+  for frag in fragments:
+    assert frag in lines[0], (frag, lines[0])
+  return lines[0]
+
+
+def _smoke_config():
+  spec = importlib.util.spec_from_file_location('smoke', os.path.join(REPO, 'configs', 'smoke.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# ---- bad input: one line, non-zero exit, workdir untouched -----------------------------------
+
+BAD_CONFIGS = {
+    'unknown_dataset': (('--config.data.name=nosuchdataset',), ('data.name', 'nosuchdataset')),
+    'bad_downsampling': (('--config.model.ch_mult=(1,2,2,2)',), ('model.ch_mult', '28x28')),
+    'batch_not_divisible': (('--config.teacher.batch_size=15',), ('teacher.batch_size', '15')),
+    'negative_w': (('--config.guidance.w_min=-1',), ('guidance.w_min', '-1')),
+    'reversed_w': (('--config.guidance.w_min=3', '--config.guidance.w_max=1'),
+                   ('guidance.w_max',)),
+    'unknown_key': (('--config.nosuchkey=1',), ('nosuchkey',)),
+    'unknown_stage': (("--config.stages=('teacher','stage3')",), ('stages',)),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_CONFIGS))
+def test_bad_config_is_one_line_error(case, tmp_path, fashion_data_dir):
+  overrides, fragments = BAD_CONFIGS[case]
+  workdir = str(tmp_path / 'run')
+  proc = _run(workdir, fashion_data_dir, *overrides)
+  _assert_one_line_error(proc, *fragments)
+  assert not os.path.exists(workdir)
+
+
+def test_dataset_unavailable_offline(tmp_path):
+  empty = tmp_path / 'empty_tfds'
+  empty.mkdir()
+  workdir = str(tmp_path / 'run')
+  t0 = time.monotonic()
+  proc = _run(workdir, str(empty), '--config.data.name=cifar10')
+  _assert_one_line_error(proc, 'cifar10', 'not prepared')
+  assert time.monotonic() - t0 < ERROR_TIMEOUT_S  # no download retries
+  assert not os.path.exists(workdir)
+  assert os.listdir(empty) == []
+
+
+def _record_smoke_workdir(path):
+  """A workdir as a smoke run leaves it after starting (config.json) plus a file."""
+  workdir_lib.check_and_record_config(_smoke_config(), str(path))
+  (path / 'samples').mkdir()
+  (path / 'samples' / 'marker.txt').write_text('from an earlier run')
+  return str(path)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, fashion_data_dir):
+  workdir = _record_smoke_workdir(tmp_path / 'run')
+  before = _tree_hash(workdir)
+  proc = _run(workdir, fashion_data_dir, '--config.model.ch=8')
+  _assert_one_line_error(proc, 'model.ch', '16', '8')
+  assert _tree_hash(workdir) == before
+
+
+def test_workdir_with_checkpoints_but_no_config_is_refused(tmp_path, fashion_data_dir):
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / 'teacher').mkdir(parents=True)
+  before = _tree_hash(str(workdir))
+  proc = _run(str(workdir), fashion_data_dir)
+  _assert_one_line_error(proc, 'config.json')
+  assert _tree_hash(str(workdir)) == before
+
+
+@pytest.fixture(scope='module')
+def smoke_teacher_workdir(tmp_path_factory, fashion_data_dir):
+  """A workdir holding a smoke teacher checkpoint, written as the loop writes it
+  (same meta, same state structure; the weights are zeros: only the meta is read
+  before the mismatch is found)."""
+  path = str(tmp_path_factory.mktemp('teacher_run') / 'run')
+  config = _smoke_config()
+  config.data.data_dir = fashion_data_dir
+  run = train.Run(config, path)
+  phase = run.teacher_phase()
+  abstract = jax.eval_shape(phase.init_fn, {})
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  mgr = checkpoint.manager(checkpoint.phase_dir(path, 'teacher'))
+  checkpoint.save(mgr, config.teacher.num_steps, state, phase.meta)
+  mgr.wait_until_finished()
+  mgr.close()
+  run.writer.close()
+  return path
+
+
+MISSING_CHECKPOINTS = {
+    'missing_teacher': (("--config.teacher_checkpoint=/nonexistent", "--config.stages=('stage1',)"),
+                        ('teacher_checkpoint', '/nonexistent')),
+    'missing_stage1': (("--config.stages=('stage2',)",), ('stage1', 'no checkpoint')),
+}
+
+
+def _teacher_cases(teacher_workdir):
+  cases = dict(MISSING_CHECKPOINTS)
+  cases['incompatible_teacher'] = (
+      (f'--config.teacher_checkpoint={teacher_workdir}', "--config.stages=('stage1',)",
+       '--config.model.ch=8'),
+      ('model', "'ch': 16", "'ch': 8"))
+  return cases
+
+
+@pytest.mark.parametrize('case', sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher'])
+def test_bad_checkpoint_is_one_line_error(case, tmp_path, fashion_data_dir, smoke_teacher_workdir):
+  overrides, fragments = _teacher_cases(smoke_teacher_workdir)[case]
+  teacher_before = _tree_hash(smoke_teacher_workdir)
+  proc = _run(str(tmp_path / 'run'), fashion_data_dir, *overrides)
+  _assert_one_line_error(proc, *fragments)
+  assert _tree_hash(smoke_teacher_workdir) == teacher_before  # never written to
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'gdistill/train.py Run.__init__ records config.json and opens the TensorBoard writer '
+    'before the teacher/stage-1 checkpoints are checked, so these errors leave a new '
+    'workdir behind'))
+@pytest.mark.parametrize('case', sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher'])
+def test_bad_checkpoint_leaves_workdir_untouched(case, tmp_path, fashion_data_dir,
+                                                 smoke_teacher_workdir):
+  overrides, _ = _teacher_cases(smoke_teacher_workdir)[case]
+  workdir = str(tmp_path / 'run')
+  proc = _run(workdir, fashion_data_dir, *overrides)
+  assert proc.returncode != 0
+  assert _tree_hash(workdir) is None, _tree_hash(workdir)
+
+
+# ---- full runs (slow) ----------------------------------------------------------------------------
+
+def _restore_final(workdir, phase):
+  """The sampling params of a phase's latest checkpoint, on one device, as numpy."""
+  config = _smoke_config()
+  use_w = phase != 'teacher'
+  net = make_net(config, num_classes=10, out_ch=1, use_w=use_w)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(lambda r: init_params(net, r, (28, 28, 1)), jax.random.PRNGKey(0))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
+  params, meta = checkpoint.load_eval_params(checkpoint.phase_dir(workdir, phase), abstract)
+  return jax.device_get(params), meta
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory, fashion_data_dir):
+  """One uninterrupted smoke run (teacher, stage 1, stage 2 halvings 8 -> 4 -> 2)."""
+  workdir = str(tmp_path_factory.mktemp('smoke') / 'run')
+  t0 = time.monotonic()
+  proc = _run(workdir, fashion_data_dir, timeout=RUN_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return dict(workdir=workdir, proc=proc, seconds=time.monotonic() - t0)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_everything(smoke_run):
+  workdir = smoke_run['workdir']
+  for phase in SMOKE_PHASES:
+    steps = [int(d) for d in os.listdir(checkpoint.phase_dir(workdir, phase)) if d.isdigit()]
+    assert steps, phase
+    meta = checkpoint.read_meta(checkpoint.phase_dir(workdir, phase))
+    assert meta['phase'] == phase and meta['use_w'] == (phase != 'teacher')
+  assert checkpoint.read_meta(checkpoint.phase_dir(workdir, 'stage2_n0002'))['student_steps'] == 2
+  samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
+  assert samples == sorted(f'{name}.png' for name in SMOKE_SAMPLES)
+  for name in samples:
+    with open(os.path.join(workdir, 'samples', name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['model']['size'] == 'tiny' and recorded['stage2']['start_steps'] == 8
+  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert any(e.startswith('events.out.tfevents') for e in events)
+  assert sum(os.path.getsize(os.path.join(workdir, 'tensorboard', e)) for e in events) > 1000
+  assert smoke_run['proc'].stderr.count('gdistill: error') == 0
+
+
+@pytest.mark.slow
+def test_rerun_of_finished_run_changes_nothing(smoke_run, fashion_data_dir, tmp_path):
+  """Rerunning the same command loads every finished phase and writes nothing new."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(smoke_run['workdir'], workdir)
+  before = {k: v for k, v in _tree_hash(workdir).items() if not k.startswith('tensorboard')}
+  proc = _run(workdir, fashion_data_dir, timeout=RUN_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  after = {k: v for k, v in _tree_hash(workdir).items() if not k.startswith('tensorboard')}
+  assert after == before
+  assert 'already finished' in proc.stderr
+
+
+def _has_checkpoint(workdir, phase, step=None):
+  d = checkpoint.phase_dir(workdir, phase)
+  if not os.path.isdir(d):
+    return False
+  steps = [int(s) for s in os.listdir(d) if s.isdigit()]
+  return bool(steps) if step is None else step in steps
+
+
+def _run_and_kill(workdir, data_dir, ready, what):
+  """Starts the smoke run, SIGKILLs it as soon as ``ready()`` holds."""
+  proc = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + RUN_TIMEOUT_S
+  try:
+    while not ready():
+      if proc.poll() is not None:
+        pytest.fail(f'run ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}')
+      if time.monotonic() > deadline:
+        pytest.fail(f'no {what} after {RUN_TIMEOUT_S}s')
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait()
+    proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL, f'killed too late, at {what}'
+
+
+def _assert_same_final_params(workdir, reference):
+  for phase in SMOKE_PHASES:
+    got, _ = _restore_final(workdir, phase)
+    want, _ = _restore_final(reference, phase)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), got, want)
+
+
+def _finish(workdir, data_dir):
+  proc = _run(workdir, data_dir, timeout=RUN_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert 'resumed from step' in proc.stderr
+  return proc
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(smoke_run, fashion_data_dir, tmp_path):
+  workdir = str(tmp_path / 'killed')
+  _run_and_kill(workdir, fashion_data_dir, lambda: _has_checkpoint(workdir, 'stage1', 2),
+                'stage1 step 2')
+  assert not _has_checkpoint(workdir, 'stage2_n0002')
+  _finish(workdir, fashion_data_dir)
+  _assert_same_final_params(workdir, smoke_run['workdir'])
+
+
+KILL_POINTS = (  # (phase, step): step None = the phase directory exists (mid-compile)
+    ('stage1', None), ('stage1', 2), ('stage1', 4), ('stage2_n0004', None), ('stage2_n0004', 2))
+
+
+@pytest.mark.slow
+def test_resume_after_five_sigkills_matches_uninterrupted_run(smoke_run, fashion_data_dir,
+                                                              tmp_path):
+  workdir = str(tmp_path / 'killed5')
+  for phase, step in KILL_POINTS:
+    if step is None:
+      ready = lambda p=phase: os.path.isdir(checkpoint.phase_dir(workdir, p))
+    else:
+      ready = lambda p=phase, s=step: _has_checkpoint(workdir, p, s)
+    _run_and_kill(workdir, fashion_data_dir, ready, f'{phase} step {step}')
+  _finish(workdir, fashion_data_dir)
+  _assert_same_final_params(workdir, smoke_run['workdir'])
