@@ -15,14 +15,14 @@ class MetricWriter:
   """Writes on process 0 only; ``workdir/tensorboard`` holds the event files."""
 
   def __init__(self, workdir: str):
-    self._tb = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+    self._workdir, self._tb = workdir, None
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    if self._tb is None:
+    if jax.process_index() != 0:
       return
+    if self._tb is None:  # opened on first use: a run that fails early writes nothing
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(logdir=os.path.join(self._workdir, 'tensorboard'))
     for k, v in values.items():
       self._tb.add_scalar(k, float(v), global_step=step)
     self._tb.flush()

@@ -24,7 +24,7 @@ from gdistill.loop import LoopContext, Phase, run_phase
 from gdistill.metric_writer import MetricWriter, log
 from gdistill.networks import init_params, make_net, model_kwargs, param_count, student_from_teacher
 from gdistill.train_state import init_state, make_optimizer, make_update_fn
-from gdistill.workdir import check_and_record_config
+from gdistill.workdir import check_config, record_config
 
 STAGE2_PREFIX = 'stage2_n'
 
@@ -57,7 +57,7 @@ class Run:
     self.num_classes = self.source.num_classes
     config_validation.validate(c, image_shape=self.image_shape, num_devices=self.mesh.size,
                                num_processes=jax.process_count())
-    check_and_record_config(c, self.workdir)
+    check_config(c, self.workdir)  # recorded in run(), once the inputs it loads are checked
     self.writer = MetricWriter(self.workdir)
     self.ctx = LoopContext(workdir=self.workdir, mesh=self.mesh, source=self.source, seed=c.seed,
                            strategy=c.sharding, writer=self.writer, log_every=c.log_every,
@@ -273,9 +273,17 @@ class Run:
   def run(self):
     stages = tuple(self.config.stages)
     needs_teacher = any(s in stages for s in ('teacher', 'stage1'))
-    teacher = self.teacher_params() if needs_teacher else None
+    trains_teacher = 'teacher' in stages and not self.config.teacher_checkpoint
+    # Checkpoints this run only loads are loaded (and checked) before anything is written.
+    teacher = self.teacher_params() if needs_teacher and not trains_teacher else None
+    stage1 = None
+    if 'stage2' in stages and 'stage1' not in stages:
+      stage1 = self.stage1_params(None)
+    record_config(self.config, self.workdir)
+    if needs_teacher and trains_teacher:
+      teacher = self.teacher_params()
     if 'stage2' in stages:
-      params = self.stage1_params(teacher)
+      params = stage1 if stage1 is not None else self.stage1_params(teacher)
       for n in halvings(self.config):
         params = run_phase(self.stage2_phase(params, n), self.ctx).eval_params
     elif 'stage1' in stages:

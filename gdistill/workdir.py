@@ -42,6 +42,12 @@ def _mutable(key):
 def check_and_record_config(config, workdir: str) -> None:
   """Raises WorkdirError if ``workdir`` holds a run of an incompatible config;
   else records the config (first run) in ``workdir/config.json``."""
+  check_config(config, workdir)
+  record_config(config, workdir)
+
+
+def check_config(config, workdir: str) -> None:
+  """Raises WorkdirError if ``workdir`` holds a run of an incompatible config."""
   path = os.path.join(workdir, CONFIG_FILE)
   new = _flatten(config.to_dict())
   if os.path.exists(path):
@@ -62,6 +68,13 @@ def check_and_record_config(config, workdir: str) -> None:
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise WorkdirError(f'workdir {workdir} holds checkpoints but no {CONFIG_FILE}: expected an '
                        f'empty or gdistill workdir')
+
+
+def record_config(config, workdir: str) -> None:
+  """Writes ``workdir/config.json`` on a workdir's first run (process 0)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    return
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + '.tmp'

@@ -203,10 +203,6 @@ def test_bad_checkpoint_is_one_line_error(case, tmp_path, fashion_data_dir, smok
   assert _tree_hash(smoke_teacher_workdir) == teacher_before  # never written to
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'gdistill/train.py Run.__init__ records config.json and opens the TensorBoard writer '
-    'before the teacher/stage-1 checkpoints are checked, so these errors leave a new '
-    'workdir behind'))
 @pytest.mark.parametrize('case', sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher'])
 def test_bad_checkpoint_leaves_workdir_untouched(case, tmp_path, fashion_data_dir,
                                                  smoke_teacher_workdir):

@@ -36,9 +36,14 @@ def nets(precision):
   return config, net
 
 
+@functools.lru_cache(maxsize=None)
+def _init_fn(net):
+  # Jitted: an eager Flax init compiles every primitive on its own (slow on CPU).
+  return jax.jit(functools.partial(networks.init_params, net, image_shape=IMAGE_SHAPE))
+
+
 def init(net, seed=0):
-  """Jitted init: eager op-by-op initialisation is slow on a loaded CPU."""
-  return jax.jit(lambda r: networks.init_params(net, r, IMAGE_SHAPE))(jax.random.PRNGKey(seed))
+  return _init_fn(net)(jax.random.PRNGKey(seed))
 
 
 def nontrivial_params(net, seed=0):
@@ -84,7 +89,7 @@ def _ops(net, params, op):
 def test_bfloat16_convolutions_and_matmuls_compute_in_bf16():
   _, net16 = nets('bfloat16')
   _, net32 = nets('float32')
-  p = networks.init_params(net16, jax.random.PRNGKey(0), IMAGE_SHAPE)
+  p = init(net16)
   convs16, dots16 = _ops(net16, p, 'convolution'), _ops(net16, p, 'dot_general')
   assert convs16 and set(convs16) == {'bf16'}, convs16
   assert dots16 and 'bf16' in dots16  # residual-block FiLM projections etc.
