@@ -60,9 +60,13 @@ def _phase(name, update_fn, teacher):
                     teacher=teacher, meta={}, checkpoint_every=1)
 
 
-def _one_step(update_fn, params, teacher, mesh, strategy, *, ema):
+def _host_state(params, *, ema):
+  """init_state compiled once (eagerly it costs a compilation per leaf), on the host."""
+  return jax.device_get(jax.jit(lambda p: init_state(p, _optimizer(), ema=ema))(params))
+
+
+def _one_step(update_fn, state, teacher, mesh, strategy):
   """One step through loop.compile_step (AOT, donated state), returns host values."""
-  state = init_state(params, _optimizer(), ema=ema)
   state, teacher, batch, rng = _place(state, teacher, mesh, strategy)
   step = loop.compile_step(_phase('test', update_fn, teacher), _ctx(mesh, strategy), state, batch,
                            rng)
@@ -70,9 +74,10 @@ def _one_step(update_fn, params, teacher, mesh, strategy, *, ema):
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-  # Adam's first update is ~lr * sign(g): where a gradient is at float noise level the
-  # device-count-dependent reduction order can flip its sign, moving a parameter by ~lr.
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-4):
+  # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, the
+  # device-count-dependent reduction order of g changes the update by a few percent of
+  # lr (1e-3 here). The losses and gradient norms are compared at rtol 1e-5 separately.
   chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
@@ -84,7 +89,8 @@ def teacher_setup():
   params = random_like(_abstract_params(net), seed=1, scale=0.05)
   loss = functools.partial(losses.teacher_loss, apply_fn=net.apply, mean_type='v',
                            num_classes=K, p_uncond=0.2, weighting='snr_trunc')
-  return dict(net=net, params=params, update=make_update_fn(loss, _optimizer(), ema_decay=0.9))
+  return dict(net=net, params=params, state=_host_state(params, ema=True),
+              update=make_update_fn(loss, _optimizer(), ema_decay=0.9))
 
 
 def test_teacher_step_same_on_1_and_8_devices(teacher_setup, devices8):
@@ -92,25 +98,25 @@ def test_teacher_step_same_on_1_and_8_devices(teacher_setup, devices8):
   init = jax.device_get(s['params'])
   mesh8 = sharding.make_mesh({'data': -1}, devices8)
   mesh1 = sharding.make_mesh({'data': -1}, devices8[:1])
-  st8, m8 = _one_step(s['update'], s['params'], {}, mesh8, 'replicated', ema=True)
-  st1, m1 = _one_step(s['update'], s['params'], {}, mesh1, 'replicated', ema=True)
+  st8, m8 = _one_step(s['update'], s['state'], {}, mesh8, 'replicated')
+  st1, m1 = _one_step(s['update'], s['state'], {}, mesh1, 'replicated')
   assert int(st8.step) == int(st1.step) == 1
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=1e-5)
   _assert_trees_close(st8.params, st1.params)
   _assert_trees_close(st8.ema_params, st1.ema_params)
   _assert_trees_close(st8.opt_state, st1.opt_state)
-  # The step did move every parameter (lr 1e-3, Adam: about 1e-3 each).
+  # The step did move the parameters (lr 1e-3, Adam: about 1e-3 each where the gradient is
+  # not ~0; a leaf whose gradient is ~0 legitimately barely moves).
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), st1.params, init)
-  assert min(jax.tree.leaves(moved)) > 1e-4, moved
+  assert np.median(jax.tree.leaves(moved)) > 5e-4, moved
 
 
 def test_update_fn_traces_once_over_two_steps(teacher_setup, devices8):
   """jit with shardings and donation, as the loop does: step 2 reuses step 1's trace."""
   s = teacher_setup
   mesh = sharding.make_mesh({'data': -1}, devices8[:1])
-  state, teacher, batch, rng = _place(init_state(s['params'], _optimizer(), ema=True), {}, mesh,
-                                      'replicated')
+  state, teacher, batch, rng = _place(s['state'], {}, mesh, 'replicated')
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   repl = sharding.replicated(mesh)
   update = jax.jit(chex.assert_max_traces(s['update'], n=1),
@@ -134,10 +140,11 @@ def test_stage2_step_same_under_fsdp_and_replicated(devices8):
                            w_max=4.0, grid='both', weighting='snr_trunc')
   update = make_update_fn(loss, _optimizer(), ema_decay=0.0)
   mesh = sharding.make_mesh({'data': -1}, devices8)
+  state = _host_state(student, ema=False)
   out = {}
   for strategy in ('fsdp', 'replicated'):
-    teacher = {'params': teacher_params, 'num_steps': jnp.int32(4)}
-    out[strategy] = _one_step(update, student, teacher, mesh, strategy, ema=False)
+    teacher = {'params': teacher_params, 'num_steps': np.int32(4)}
+    out[strategy] = _one_step(update, state, teacher, mesh, strategy)
   (fs, fm), (rs, rm) = out['fsdp'], out['replicated']
   np.testing.assert_allclose(fm['loss'], rm['loss'], rtol=1e-5)
   assert float(fm['loss']) > 0
@@ -151,10 +158,10 @@ def test_stage2_halvings_share_one_compilation(devices8):
   """Phases with the same update function and signatures reuse the compiled step."""
   mesh = sharding.make_mesh({'data': -1}, devices8[:1])
   update = lambda state, teacher, batch, rng: (state, {'loss': jnp.float32(0)})
-  state = init_state({'w': jnp.ones((4,))}, _optimizer(), ema=False)
+  state = _host_state({'w': np.ones((4,), np.float32)}, ema=False)
   compiled = []
   for n in (4, 2):
-    teacher = {'params': {'w': jnp.ones((4,))}, 'num_steps': jnp.int32(n)}
+    teacher = {'params': {'w': np.ones((4,), np.float32)}, 'num_steps': np.int32(n)}
     st, teacher, batch, rng = _place(state, teacher, mesh, 'replicated')
     compiled.append(loop.compile_step(_phase(f'stage2_n{n:04d}', update, teacher),
                                       _ctx(mesh, 'replicated'), st, batch, rng))
