@@ -42,7 +42,8 @@ def _optimizer():
 def _place(state, teacher, mesh, strategy):
   """The state and teacher laid out as build_state lays them; the batch split."""
   state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, strategy)
-  state = jax.device_put(state, state_sh)
+  # Through host memory: fresh buffers, so donating them never deletes a fixture's arrays.
+  state = jax.device_put(jax.device_get(state), state_sh)
   teacher = jax.device_put(
       teacher, sharding.state_shardings(jax.eval_shape(lambda: teacher), mesh, strategy))
   batch = jax.device_put(_batch(), sharding.batch_sharding(mesh))
