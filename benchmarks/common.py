@@ -59,7 +59,7 @@ def parser(description: str) -> argparse.ArgumentParser:
                  help=f'config file (default {os.path.relpath(DEFAULT_CONFIG, REPO)}; '
                       f'--quick: {os.path.relpath(QUICK_CONFIG, REPO)})')
   p.add_argument('--quick', action='store_true',
-                 help='the smoke-sized model and fewer repetitions (about a minute on a CPU)')
+                 help='the smoke-sized model (configs/smoke.py) and fewer repetitions')
   p.add_argument('--json', default=None, help='also write the records to this JSON file')
   p.add_argument('--precision', default=None, choices=('float32', 'bfloat16'),
                  help='override config.precision')

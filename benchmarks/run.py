@@ -2,9 +2,11 @@
 
   python benchmarks/run.py [--quick] [--json FILE] [--config configs/X.py]
 
-``--quick`` uses the smoke-sized model (configs/smoke.py): about a minute on
-a 2-core CPU. Without it, configs/fashion_mnist.py: several minutes on a CPU,
-most of it the guided teacher sampling at 2 x 256 evaluations. The same
+``--quick`` uses the smoke-sized model (configs/smoke.py) and fewer
+repetitions; it is compile-bound (3 train steps and 9 sampler compilations),
+sized for about two minutes on an idle 2-core CPU. Without it,
+configs/fashion_mnist.py: several minutes on a CPU, most of it the guided
+teacher sampling at 2 x 256 evaluations. The same
 command runs on an accelerator (the peak is then a bf16 or f32 matmul on it).
 
 The JSON file is a list of {"name", "value", "unit"}; among them:

@@ -28,12 +28,13 @@ def get_config():
                      distilled_steps=(4, 8), quality_per_pair=100)
   c.translate.encoder.update(num_steps=100, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                              lr_decay='linear', checkpoint_every=50)
-  # Evaluation (~450k network evaluations, ~20-27 min at the ~280-400 evaluations/s of this
-  # U-Net on the 2-core CPU, plus ~2 min for the classifier). 1000 samples per row (FID
-  # noise ~0.1 in the classifier's space; 500 would give ~0.3). Rows: students 1-8 steps
-  # (ddim, and stochastic at 2-16 steps), the teacher's guided DDIM at 1-8 steps (NFE 2-16,
-  # the baseline) and at 64 steps (NFE 128, the reference); rows above 8 NFE only at
-  # w in {0, 1}. Extend later without resampling the finished rows, e.g.
+  # Evaluation: 449k network evaluations, ~19 min at 400 evaluations/s, ~30 min at 250 (this
+  # U-Net on the 2-core CPU; the sweep prints its rate and ETA), plus ~2 min for the
+  # classifier. 1000 samples per row (FID noise ~0.1 in the classifier's space; 500 would
+  # give ~0.3). Rows: students 1-8 steps (ddim, and stochastic at 2-16 steps), the teacher's
+  # guided DDIM at 1-8 steps (NFE 2-16, the baseline) and at 64 steps (NFE 128, the
+  # reference); rows above 8 NFE only at w in {0, 1}. Extend later without resampling the
+  # finished rows, e.g.
   #   python -m gdistill.evaluate --workdir=runs/fashion_mnist --config=configs/fashion_mnist.py \
   #     --config.eval.teacher_steps='(64, 256)'        # 2x256 teacher at w=0,1: +1.02M evals
   #     --config.eval.w_values='(0., .3, 1., 2., 4.)'  # w=0.3 and 2 on cheap rows: +86k

@@ -14,13 +14,11 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import smoke_workdir
-from gd_testlib import perturb_params
 from gdistill.config_validation import ConfigError
 from gdistill.eval import features, plan, plots, report, sweep
 from gdistill.eval.workdir_config import get_config as workdir_config
@@ -340,7 +338,8 @@ def test_smoke_pipeline_eval_stage_then_extend_with_the_evaluate_command(tmp_pat
   assert p['weights'] == {'teacher': 'ema', 'stage2_n0004': 'raw', 'stage2_n0002': 'raw'}
   assert rep['floor']['split'] == 'test' and rep['floor']['fid'] >= 0
   for name in ('report.md', 'fid_vs_nfe.png', 'fid_vs_is.png', 'pr_vs_w.png', 'classifier.npz',
-               'samples/student-stochastic-steps008-w1.png', 'samples/teacher-ddim-steps008-w0.png'):
+               'samples/student-stochastic-steps008-w1.png',
+               'samples/teacher-ddim-steps008-w0.png'):
     assert os.path.isfile(os.path.join(out, name)), name
 
   # Extending the sweep samples only the new rows (config from the workdir's config.json).

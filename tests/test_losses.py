@@ -15,7 +15,6 @@ import pytest
 
 from gd_testlib import GaussianData, perturb_params
 from gdistill import diffusion, losses
-from gdistill.guidance import model_x_hat
 from gdistill.networks import student_from_teacher
 
 # ---- float64 reference of METHOD.md sections 1 and 4 -------------------------------
@@ -56,22 +55,26 @@ def _two_teacher_steps64(data, z_t, t, n):
 
 # ---- stage 2 -------------------------------------------------------------------------
 
+_B = 256  # one batch size for every N: one compilation of the target
+_stage2_target = jax.jit(lambda z_t, t, n: losses.stage2_target(
+    GaussianData(mu=0.3, s=0.5).denoise_fn, z_t=z_t, t=t, student_steps=n))
+
+
 @pytest.mark.parametrize('n', [1, 2, 4, 16, 128])
 def test_stage2_target_one_student_step_equals_two_teacher_steps(n):
   """For every t = i / (2N) (the 'both' grid, which contains the 'deterministic' one)."""
   data = GaussianData(mu=0.3, s=0.5)
-  t = np.arange(1, 2 * n + 1) / (2.0 * n)  # [B], every grid point once
-  z_t = np.random.default_rng(n).standard_normal((t.size, 3, 3, 2)) * 1.2
-  x_tilde = np.asarray(losses.stage2_target(
-      data.denoise_fn, z_t=jnp.asarray(z_t, jnp.float32), t=jnp.asarray(t, jnp.float32),
-      student_steps=n), np.float64)
+  t = (np.arange(_B) % (2 * n) + 1) / (2.0 * n)  # [B], every grid point
+  z_t = np.random.default_rng(n).standard_normal((_B, 3, 3, 2)) * 1.2
+  x_tilde = np.asarray(_stage2_target(jnp.asarray(z_t, jnp.float32), jnp.asarray(t, jnp.float32),
+                                      jnp.int32(n)), np.float64)
   assert np.all(np.isfinite(x_tilde))
   x1, _, x2, z2 = _two_teacher_steps64(data, z_t, t, n)
   t2 = np.maximum(t - 1.0 / n, 0.0)
   inner = t2 > 0
   # One student DDIM step from t to t'' with x_tilde lands on the teacher's z_t''.
   z_student = _ddim64(z_t, x_tilde, t, t2)
-  assert inner.sum() == 2 * n - 2
+  assert inner.any() == (n > 1)
   if inner.any():
     np.testing.assert_allclose(z_student[inner], z2[inner], rtol=2e-4, atol=2e-4)
     # And x_tilde is the formula of METHOD.md section 4, step 4.
@@ -95,20 +98,23 @@ def test_stage2_target_is_not_one_teacher_step():
   """Guards the test above against a degenerate denoiser: two steps of 1/(2N)
   differ from one step of 1/N, so x_tilde differs from the teacher's x1."""
   data, n = GaussianData(mu=0.3, s=0.5), 2
-  t = np.array([1.0, 0.75])
-  z_t = np.random.default_rng(0).standard_normal((2, 3, 3, 1))
-  x_tilde = np.asarray(losses.stage2_target(data.denoise_fn, z_t=jnp.asarray(z_t, jnp.float32),
-                                            t=jnp.asarray(t, jnp.float32), student_steps=n))
+  t = np.where(np.arange(_B) % 2, 1.0, 0.75)
+  z_t = np.random.default_rng(0).standard_normal((_B, 3, 3, 2))
+  x_tilde = np.asarray(_stage2_target(jnp.asarray(z_t, jnp.float32), jnp.asarray(t, jnp.float32),
+                                      jnp.int32(n)))
   x1 = _x_hat64(data, z_t, t)
   assert np.abs(x_tilde - x1).max() > 1e-3
+
+
+_time_grid = {grid: jax.jit(functools.partial(losses.stage2_time_grid, batch=4096, grid=grid))
+              for grid in ('deterministic', 'both')}
 
 
 @pytest.mark.parametrize('grid,denom', [('deterministic', 1), ('both', 2)])
 @pytest.mark.parametrize('n', [1, 4, 32])
 def test_stage2_time_grid_on_grid_and_covers_it(grid, denom, n):
-  sample = jax.jit(functools.partial(losses.stage2_time_grid, batch=4096, grid=grid))
-  for steps in (n, jnp.int32(n)):  # a Python int, and traced as in stage2_loss
-    t = np.asarray(sample(jax.random.PRNGKey(n), student_steps=steps), np.float64)
+  for steps in (n, jnp.int32(n)):  # a Python int, and an array as in stage2_loss
+    t = np.asarray(_time_grid[grid](jax.random.PRNGKey(n), student_steps=steps), np.float64)
     i = t * denom * n
     np.testing.assert_allclose(i, np.round(i), atol=1e-4)
     assert set(np.round(i).astype(int)) == set(range(1, denom * n + 1))
@@ -119,26 +125,41 @@ def test_stage2_time_grid_rejects_unknown_grid():
     losses.stage2_time_grid(jax.random.PRNGKey(0), 4, student_steps=2, grid='odd')
 
 
-def _recording_apply(calls, fn):
-  """A stand-in network: records every call's inputs, outputs ``fn(z, logsnr)``."""
-  def apply_fn(variables, z, logsnr, label, train=False, rngs=None, w=None):
-    calls.append(dict(params=variables['params'], logsnr=np.asarray(logsnr),
-                      label=np.asarray(label), w=None if w is None else np.asarray(w),
-                      train=train))
-    return fn(z, logsnr)
-  return apply_fn
+class _Recorder:
+  """A stand-in network ``apply_fn``: records every call's inputs, returns
+  ``out_fn(params, z, logsnr, label, w)``. Works under jit: the recorded arrays
+  are returned as outputs of the jitted function by ``_run_jitted``."""
+
+  def __init__(self, out_fn):
+    self.out_fn, self.static, self.traced = out_fn, [], []
+
+  def __call__(self, variables, z, logsnr, label, train=False, rngs=None, w=None):
+    params = variables['params']
+    self.static.append(dict(params=params if isinstance(params, str) else None, train=train,
+                            has_w=w is not None))
+    self.traced.append(dict(z=z, logsnr=logsnr, label=label, **({} if w is None else {'w': w})))
+    return self.out_fn(params, z, logsnr, label, w)
+
+
+def _run_jitted(loss_thunk, *recorders):
+  """Runs ``loss_thunk() -> (loss, aux)`` compiled (eager ops cost a compilation
+  each); returns the loss and, per recorder, its calls with numpy arrays."""
+  loss, traced = jax.jit(lambda: (loss_thunk()[0], [r.traced for r in recorders]))()
+  calls = []
+  for r, tr in zip(recorders, traced):
+    calls.append([dict(st, **jax.tree.map(np.asarray, t)) for st, t in zip(r.static, tr)])
+  return float(loss), calls
 
 
 def test_stage2_loss_queries_teacher_twice_with_same_label_and_w():
   data = GaussianData()
-  calls = []
-  apply_fn = _recording_apply(calls, data.x_hat)
+  rec = _Recorder(lambda params, z, logsnr, label, w: data.x_hat(z, logsnr))
   b, n = 64, 4
   batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
-  loss, _ = losses.stage2_loss(
+  loss, (calls,) = _run_jitted(lambda: losses.stage2_loss(
       'student', {'params': 'teacher', 'num_steps': jnp.int32(n)}, batch, jax.random.PRNGKey(0),
-      apply_fn=apply_fn, mean_type='x', w_min=1.0, w_max=3.0, grid='deterministic',
-      weighting='snr_trunc')
+      apply_fn=rec, mean_type='x', w_min=1.0, w_max=3.0, grid='deterministic',
+      weighting='snr_trunc'), rec)
   assert np.isfinite(loss)
   assert [c['params'] for c in calls] == ['teacher', 'teacher', 'student']
   assert [c['train'] for c in calls] == [False, False, True]
@@ -149,29 +170,35 @@ def test_stage2_loss_queries_teacher_twice_with_same_label_and_w():
   assert calls[0]['w'].std() > 0.3  # drawn per example
   assert calls[0]['logsnr'].shape == (b,)
   np.testing.assert_array_equal(calls[2]['logsnr'], calls[0]['logsnr'])  # student at t
-  # the second teacher call is at t' = t - 1/(2N)
-  lam_t = calls[0]['logsnr']
-  tt = np.array([k / n for k in range(1, n + 1)])
-  idx = np.argmin(np.abs(_logsnr64(tt)[None, :] - lam_t[:, None]), axis=1)
-  np.testing.assert_allclose(calls[1]['logsnr'], _logsnr64(tt[idx] - 0.5 / n), rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(calls[2]['z'], calls[0]['z'])
+  # t on the student's grid i / N, and the second teacher call at t' = t - 1/(2N).
+  grid = np.arange(1, n + 1) / n
+  idx = np.argmin(np.abs(_logsnr64(grid)[None, :] - calls[0]['logsnr'][:, None]), axis=1)
+  np.testing.assert_allclose(calls[0]['logsnr'], _logsnr64(grid[idx]), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(calls[1]['logsnr'], _logsnr64(grid[idx] - 0.5 / n), rtol=1e-4,
+                             atol=1e-3)
+  assert len(set(idx)) == n
 
 
 # ---- teacher loss -------------------------------------------------------------------
 
+def _zero_net(params, z, logsnr, label, w):
+  return jnp.zeros_like(z)
+
+
 @pytest.mark.parametrize('p_uncond', [0.0, 0.2])
 def test_teacher_loss_drops_label_at_rate_p_uncond(p_uncond):
-  calls = []
-  apply_fn = _recording_apply(calls, lambda z, logsnr: jnp.zeros_like(z))
+  rec = _Recorder(_zero_net)
   b, k = 40_000, 10
   label = jnp.asarray(np.random.default_rng(0).integers(0, k, b), jnp.int32)
   batch = {'image': jnp.zeros((b, 1, 1, 1)), 'label': label}
-  losses.teacher_loss({}, {}, batch, jax.random.PRNGKey(1), apply_fn=apply_fn, mean_type='x',
-                      num_classes=k, p_uncond=p_uncond, weighting='snr_trunc')
-  (call,) = calls
+  _, ((call,),) = _run_jitted(lambda: losses.teacher_loss(
+      {}, {}, batch, jax.random.PRNGKey(1), apply_fn=rec, mean_type='x', num_classes=k,
+      p_uncond=p_uncond, weighting='snr_trunc'), rec)
   seen = call['label']
   dropped = seen != np.asarray(label)
   assert np.all(seen[dropped] == k)  # dropped labels become the null label, K
-  assert call['train']
+  assert call['train'] and not call['has_w']
   # Binomial(40000, p): 5 standard deviations is at most 0.01.
   assert abs(dropped.mean() - p_uncond) < 0.01
   if p_uncond:
@@ -181,17 +208,20 @@ def test_teacher_loss_drops_label_at_rate_p_uncond(p_uncond):
 def test_teacher_loss_is_weighted_x_error():
   """A network predicting x_hat = 0 has loss E[max(SNR, 1) mean(x^2)]."""
   b = 20_000
-  calls = []
-  apply_fn = _recording_apply(calls, lambda z, logsnr: jnp.zeros_like(z))
+  rec = _Recorder(_zero_net)
   batch = {'image': jnp.full((b, 1, 1, 1), 0.5), 'label': jnp.zeros((b,), jnp.int32)}
-  loss, _ = losses.teacher_loss({}, {}, batch, jax.random.PRNGKey(2), apply_fn=apply_fn,
-                                mean_type='x', num_classes=10, p_uncond=0.1,
-                                weighting='snr_trunc')
-  lam = calls[0]['logsnr']
+  loss, ((call,),) = _run_jitted(lambda: losses.teacher_loss(
+      {}, {}, batch, jax.random.PRNGKey(2), apply_fn=rec, mean_type='x', num_classes=10,
+      p_uncond=0.1, weighting='snr_trunc'), rec)
+  lam = call['logsnr']
   np.testing.assert_allclose(loss, np.mean(np.maximum(np.exp(lam), 1.0) * 0.25), rtol=1e-5)
   # t ~ U[0, 1]: logsnr is the schedule at uniform times (compare quartiles).
   t = np.linspace(0.0, 1.0, 5)[1:-1]
   np.testing.assert_allclose(np.quantile(lam, [0.75, 0.5, 0.25]), _logsnr64(t), atol=0.15)
+  # z_t = alpha x + sigma eps with eps ~ N(0, 1).
+  alpha, sigma = np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+  eps = (call['z'][:, 0, 0, 0] - alpha * 0.5) / sigma
+  assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05
 
 
 # ---- stage 1 ---------------------------------------------------------------------------
@@ -254,36 +284,30 @@ def test_stage1_loss_wiring():
   """Stand-in networks: the teacher sees (c, null) for the same z_t and logsnr,
   the student the same z_t, label and a per-example w in [w_min, w_max]; the
   loss is zero exactly when the student predicts the guided combination."""
-  t_calls, s_calls = [], []
   b, k = 256, 10
-  # Teacher: x_hat(c) = 0.1 * c everywhere (so uncond = 0.1 * K).
-  def teacher(variables, z, logsnr, label, train=False, rngs=None, w=None):
-    t_calls.append(dict(z=np.asarray(z), logsnr=np.asarray(logsnr), label=np.asarray(label),
-                        w=w, train=train))
-    return jnp.broadcast_to(0.1 * label.astype(jnp.float32)[:, None, None, None], z.shape)
-
-  def student(variables, z, logsnr, label, train=False, rngs=None, w=None):
-    s_calls.append(dict(z=np.asarray(z), logsnr=np.asarray(logsnr), label=np.asarray(label),
-                        w=np.asarray(w), train=train))
-    c = 0.1 * label.astype(jnp.float32)
-    guided = (1 + w) * c - w * 0.1 * k  # exactly the guided teacher
-    return jnp.broadcast_to((guided + variables['params'])[:, None, None, None], z.shape)
-
+  cond_x = lambda label: 0.1 * label.astype(jnp.float32)  # the teacher: x_hat(c) = 0.1 c
+  teacher = _Recorder(lambda params, z, logsnr, label, w: jnp.broadcast_to(
+      cond_x(label)[:, None, None, None], z.shape))
+  # The student: the guided teacher exactly, plus its "params" (an offset).
+  student = _Recorder(lambda params, z, logsnr, label, w: jnp.broadcast_to(
+      ((1 + w) * cond_x(label) - w * 0.1 * k + params)[:, None, None, None], z.shape))
   label = jnp.asarray(np.random.default_rng(0).integers(0, k, b), jnp.int32)
   batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': label}
   kw = dict(apply_fn=student, teacher_apply=teacher, mean_type='x', teacher_mean_type='x',
             num_classes=k, w_min=0.5, w_max=3.0, weighting='snr_trunc')
-  loss0, _ = losses.stage1_loss(0.0, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw)
-  (tc,), (sc,) = t_calls, s_calls
+  loss0, ((tc,), (sc,)) = _run_jitted(lambda: losses.stage1_loss(
+      0.0, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw), teacher, student)
   np.testing.assert_array_equal(tc['label'], np.concatenate([label, np.full(b, k)]))
   np.testing.assert_array_equal(tc['z'][:b], tc['z'][b:])
   np.testing.assert_array_equal(tc['logsnr'][:b], tc['logsnr'][b:])
-  assert tc['w'] is None and not tc['train'] and sc['train']
+  assert tc['params'] == 'T' and not tc['has_w'] and not tc['train'] and sc['train']
   np.testing.assert_array_equal(sc['z'], tc['z'][:b])
   np.testing.assert_array_equal(sc['logsnr'], tc['logsnr'][:b])
   np.testing.assert_array_equal(sc['label'], label)
   assert 0.5 <= sc['w'].min() and sc['w'].max() <= 3.0 and sc['w'].std() > 0.5
-  assert float(loss0) < 1e-9
-  loss1, _ = losses.stage1_loss(0.1, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw)
+  assert loss0 < 1e-9
+  teacher.static, teacher.traced, student.static, student.traced = [], [], [], []
+  loss1, _ = _run_jitted(lambda: losses.stage1_loss(
+      0.1, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw), teacher, student)
   weights = np.maximum(np.exp(sc['logsnr']), 1.0)
   np.testing.assert_allclose(loss1, np.mean(weights * 0.01), rtol=1e-4)

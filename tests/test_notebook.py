@@ -32,7 +32,7 @@ def test_notebook_parameters_default_to_smoke():
 
 
 @pytest.mark.slow
-def test_notebook_runs_end_to_end(monkeypatch, fashion_data_dir):
+def test_notebook_runs_end_to_end(monkeypatch, fashion_data_dir, tmp_path):
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   workdir = smoke_workdir.get(fashion_data_dir)
   for key, value in smoke_workdir.subprocess_env().items():
@@ -43,7 +43,10 @@ def test_notebook_runs_end_to_end(monkeypatch, fashion_data_dir):
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell(f'WORKDIR = {workdir!r}'))
   client = NotebookClient(nb, timeout=3600, kernel_name='python3',
                           resources={'metadata': {'path': smoke_workdir.REPO}})
-  client.execute()  # raises CellExecutionError on the first failing cell
+  try:
+    client.execute()  # raises CellExecutionError on the first failing cell
+  finally:
+    nbformat.write(nb, str(tmp_path / 'demo_executed.ipynb'))  # to inspect a failure
   outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
   images = [o for o in outputs if 'image/png' in o.get('data', {})]
   assert len(images) >= 4, 'expected the sample, FID, translation and CLI figures'

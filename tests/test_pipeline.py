@@ -26,8 +26,10 @@ from gdistill.networks import init_params, make_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_DEVICES = 2
-ERROR_TIMEOUT_S = 120
-RUN_TIMEOUT_S = 1800
+# Error paths take about 2 s on an idle 2-core machine; the limits only stop
+# a hang, generously, because a loaded machine can be 50x slower.
+ERROR_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 3600
 # absl's log lines ("W1126 00:25:20.532292 1398... file.py:394] ...") are not
 # messages to the user; everything else on stderr is.
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+:\d+\] ')
@@ -125,12 +127,11 @@ def test_dataset_unavailable_offline(tmp_path):
   empty = tmp_path / 'empty_tfds'
   empty.mkdir()
   workdir = str(tmp_path / 'run')
-  t0 = time.monotonic()
   proc = _run(workdir, str(empty), '--config.data.name=cifar10')
-  _assert_one_line_error(proc, 'cifar10', 'not prepared')
-  assert time.monotonic() - t0 < ERROR_TIMEOUT_S  # no download retries
+  # 'not prepared', not a ConnectionError after TFDS's ~200 s of download retries.
+  _assert_one_line_error(proc, 'cifar10', 'not prepared', str(empty))
   assert not os.path.exists(workdir)
-  assert os.listdir(empty) == []
+  assert os.listdir(empty) == []  # nothing downloaded or prepared there
 
 
 def _record_smoke_workdir(path):
@@ -194,21 +195,34 @@ def _teacher_cases(teacher_workdir):
   return cases
 
 
-@pytest.mark.parametrize('case', sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher'])
-def test_bad_checkpoint_is_one_line_error(case, tmp_path, fashion_data_dir, smoke_teacher_workdir):
-  overrides, fragments = _teacher_cases(smoke_teacher_workdir)[case]
-  teacher_before = _tree_hash(smoke_teacher_workdir)
-  proc = _run(str(tmp_path / 'run'), fashion_data_dir, *overrides)
-  _assert_one_line_error(proc, *fragments)
+@pytest.fixture(scope='module')
+def checkpoint_case(tmp_path_factory, fashion_data_dir, smoke_teacher_workdir):
+  """Runs each bad-checkpoint case once (memoised): (process, workdir, teacher hash before)."""
+  results = {}
+
+  def run(case):
+    if case not in results:
+      overrides, _ = _teacher_cases(smoke_teacher_workdir)[case]
+      workdir = str(tmp_path_factory.mktemp(case) / 'run')
+      before = _tree_hash(smoke_teacher_workdir)
+      results[case] = (_run(workdir, fashion_data_dir, *overrides), workdir, before)
+    return results[case]
+  return run
+
+
+CHECKPOINT_CASES = sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher']
+
+
+@pytest.mark.parametrize('case', CHECKPOINT_CASES)
+def test_bad_checkpoint_is_one_line_error(case, checkpoint_case, smoke_teacher_workdir):
+  proc, _, teacher_before = checkpoint_case(case)
+  _assert_one_line_error(proc, *_teacher_cases(smoke_teacher_workdir)[case][1])
   assert _tree_hash(smoke_teacher_workdir) == teacher_before  # never written to
 
 
-@pytest.mark.parametrize('case', sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher'])
-def test_bad_checkpoint_leaves_workdir_untouched(case, tmp_path, fashion_data_dir,
-                                                 smoke_teacher_workdir):
-  overrides, _ = _teacher_cases(smoke_teacher_workdir)[case]
-  workdir = str(tmp_path / 'run')
-  proc = _run(workdir, fashion_data_dir, *overrides)
+@pytest.mark.parametrize('case', CHECKPOINT_CASES)
+def test_bad_checkpoint_leaves_workdir_untouched(case, checkpoint_case):
+  proc, workdir, _ = checkpoint_case(case)
   assert proc.returncode != 0
   assert _tree_hash(workdir) is None, _tree_hash(workdir)
 

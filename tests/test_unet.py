@@ -33,6 +33,13 @@ def tiny(tiny_nets):
   return dict(tiny_nets, params=perturb_params(tiny_nets['fresh'], seed=1))
 
 
+def test_base_params_are_w_params_less_w_branch(tiny):
+  """conftest derives the fresh no-w params from the w model's init."""
+  want = _params(tiny['base'], SHAPE)
+  assert jax.tree.structure(tiny['fresh']) == jax.tree.structure(want)
+  assert jax.tree.map(lambda a: a.shape, tiny['fresh']) == jax.tree.map(lambda a: a.shape, want)
+
+
 def test_fresh_network_predicts_zero(tiny):
   """Zero-initialised output conv: a fresh network predicts exactly 0."""
   out = tiny['apply'](tiny['fresh'], *_inputs(SHAPE, batch=4))

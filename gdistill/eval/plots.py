@@ -80,7 +80,8 @@ def _curves(rows: list[dict]):
   cmap = plt.get_cmap('viridis')
   steps_all = sorted({k[2] for k in keys})
   for model, sampler, steps in keys:
-    rs = sorted((r for r in rows if (r['model'], r['sampler'], r['steps']) == (model, sampler, steps)
+    rs = sorted((r for r in rows
+                 if (r['model'], r['sampler'], r['steps']) == (model, sampler, steps)
                  and _ok(r['fid']) and _ok(r['is'])), key=lambda r: r['w'])
     if not rs:
       continue

@@ -28,8 +28,9 @@ NOT_COMPARABLE = ('FID and IS below are computed in the feature space of gdistil
                   'FID / IS in the literature.')
 
 
-def protocol(*, config, num_classes: int, image_shape, feature_net: dict, reference_examples: int,
-             checkpoints: dict, missing: list, num_devices: int) -> dict:
+def make_protocol(*, config, num_classes: int, image_shape, feature_net: dict,
+                  reference_examples: int, checkpoints: dict, missing: list,
+                  num_devices: int) -> dict:
   """Everything a reader needs to reproduce or compare the numbers."""
   e = config.eval
   return {
@@ -141,7 +142,7 @@ def claims(rows: list[dict]) -> list[dict]:
   return out
 
 
-def build(*, protocol: dict, floor: dict, rows: list[dict]) -> dict:  # pylint: disable=redefined-outer-name
+def build(*, protocol: dict, floor: dict, rows: list[dict]) -> dict:
   rows = sorted(rows, key=_sort_key)
   return {'protocol': protocol, 'floor': floor, 'claims': claims(rows), 'rows': rows}
 
@@ -219,7 +220,7 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write(eval_dir: str, *, protocol: dict, floor: dict, rows: list[dict]) -> dict:  # pylint: disable=redefined-outer-name
+def write(eval_dir: str, *, protocol: dict, floor: dict, rows: list[dict]) -> dict:
   """Writes report.json and report.md; returns the report dict."""
   rep = _clean(build(protocol=protocol, floor=floor, rows=rows))
   os.makedirs(eval_dir, exist_ok=True)

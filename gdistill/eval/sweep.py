@@ -217,7 +217,7 @@ def run_sweep(run) -> dict:
       f'{floor["num_full"]}; IS {floor["is"]:.3f} (set-up took '
       f'{time.perf_counter() - t_start:.0f}s)')
 
-  protocol = report.protocol(
+  protocol = report.make_protocol(
       config=config, num_classes=run.num_classes, image_shape=run.image_shape,
       feature_net=net.info, reference_examples=stats['reference']['n'], checkpoints=ckpt,
       missing=missing, num_devices=run.mesh.size)
