@@ -36,8 +36,8 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None, which=STEP
   states, compiled, compile_s, flops, mem = {}, {}, {}, {}, {}
   for step in steps:
     state = step.build_state(mesh, strategy)
-    compiled[step.name], compile_s[step.name] = step.compile(mesh, state, data, rng)
-    flops[step.name] = common.cost_flops(compiled[step.name]) * mesh.size
+    compiled[step.name], compile_s[step.name], lowered = step.compile(mesh, state, data, rng)
+    flops[step.name] = common.cost_flops(lowered)  # global, before optimisation
     mem[step.name] = common.memory_bytes(compiled[step.name])
     # Two warm-up steps (first-touch allocations, thread pools).
     for _ in range(2):

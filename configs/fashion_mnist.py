@@ -39,7 +39,7 @@ def get_config():
   #     --config.eval.teacher_steps='(64, 256)'        # 2x256 teacher at w=0,1: +1.02M evals
   #     --config.eval.w_values='(0., .3, 1., 2., 4.)'  # w=0.3 and 2 on cheap rows: +86k
   #     --config.eval.student_steps='()'               # the 16-step student too: +96k
-  c.eval.update(num_samples=1000, batch_size=250, w_values=(0.0, 1.0, 4.0),
+  c.eval.update(num_samples=1000, batch_size=200, w_values=(0.0, 1.0, 4.0),
                 teacher_steps=(64,), teacher_ddim_steps=(1, 2, 4, 8), student_steps=(1, 2, 4, 8),
                 expensive_nfe=8, expensive_w=(0.0, 1.0))
   return c

@@ -5,7 +5,14 @@ at 32, 16 and 8, dropout 0.1, batch 2048, bfloat16 compute, FSDP over the data
 axis (METHOD.md section 7). Needs TFDS ``imagenet_resized/64x64`` prepared in
 array_record format and a TPU pod slice or GPUs (see launch/README.md).
 
-  python -m gdistill.main --config=configs/imagenet64.py --workdir=gs://BUCKET/imagenet64
+  python -m gdistill.main --config=configs/imagenet64.py --workdir=gs://BUCKET/imagenet64 \
+      --config.eval.inception_weights=PATH/pt_inception-2015-12-05.pth
+
+The 'eval' stage computes FID/IS with the standard FID Inception-v3, whose
+weights gdistill cannot download for you: pass their local path (.pth or .npz,
+see gdistill/eval/inception.py), or leave 'eval' out of --config.stages. The
+run checks this before it trains. The FID reference is the first 50,000
+training images (eval.reference_examples; 0 would embed all 1.28M).
 """
 
 from gdistill.config_base import base_config
@@ -28,5 +35,8 @@ def get_config():
                   ema_decay=0.9999, checkpoint_every=5000)
   c.stage2.update(num_steps=50_000, batch_size=2048, learning_rate=1e-4, lr_decay='linear',
                   warmup_steps=0, checkpoint_every=5000, start_steps=1024, min_steps=1)
+  c.eval.reference_examples = 50_000
+  # FID-50k as in the paper; the batch splits over 8 to 1024 devices.
+  c.eval.update(num_samples=50_000, batch_size=1024)
   c.samples.update(per_class=8, teacher_steps=256, teacher_w=1.0, student_w=(0.0, 0.3, 1.0, 4.0))
   return c

@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The same labels (i mod K) and noise serve every row; finished rows are kept in
   # DIR/eval/report.json and reused when the sweep is rerun or extended.
   c.eval = ml_collections.ConfigDict(dict(
-      num_samples=1000, batch_size=250, seed=0,
+      num_samples=1000, batch_size=200, seed=0,  # batch: splits over 1, 2, 4, 8 devices
       w_values=(0.0, 0.3, 1.0, 2.0, 4.0),
       models=('teacher', 'teacher_ddim', 'student'),
       teacher_steps=(256, 64), teacher_ddim_steps=(1, 2, 4, 8, 16), student_steps=(),

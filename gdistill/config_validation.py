@@ -64,22 +64,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('guidance.w_max', w_max, f'w_max >= guidance.w_min={w_min}')
 
   for phase in ('teacher', 'stage1', 'stage2'):
-    p = config[phase]
-    _positive_int(f'{phase}.num_steps', p.num_steps)
-    _positive_int(f'{phase}.batch_size', p.batch_size)
-    _positive_int(f'{phase}.checkpoint_every', p.checkpoint_every)
-    if not p.learning_rate > 0:
-      _err(f'{phase}.learning_rate', p.learning_rate, 'a positive number')
-    if p.lr_decay not in ('constant', 'linear'):
-      _err(f'{phase}.lr_decay', p.lr_decay, '"constant" or "linear"')
-    if not 0.0 <= p.ema_decay < 1.0:
-      _err(f'{phase}.ema_decay', p.ema_decay, 'a number in [0, 1)')
-    if not (isinstance(p.warmup_steps, int) and p.warmup_steps >= 0):
-      _err(f'{phase}.warmup_steps', p.warmup_steps, 'an integer >= 0')
-    divisor = num_devices or 1
-    if p.batch_size % divisor or p.batch_size % num_processes:
-      _err(f'{phase}.batch_size', p.batch_size,
-           f'a multiple of the number of devices ({divisor}) and processes ({num_processes})')
+    _validate_optimisation(phase, config[phase], num_devices=num_devices,
+                           num_processes=num_processes)
   if not 0.0 <= config.teacher.p_uncond < 1.0:
     _err('teacher.p_uncond', config.teacher.p_uncond, 'a probability in [0, 1)')
 
@@ -94,6 +80,10 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
 
   if 'translate' in stages:
     _validate_translate(config, num_devices=num_devices, num_processes=num_processes)
+  if 'eval' in stages:
+    # Here, not when the sweep starts: a bad eval key must not wait for training to end.
+    from gdistill.eval import plan  # pylint: disable=g-import-not-at-top  # plan imports us
+    plan.check_eval_config(config, num_devices=num_devices)
 
   if image_shape is not None:
     h, w = image_shape[0], image_shape[1]
@@ -104,10 +94,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
            f'(it must be divisible by {factor}); use fewer levels or another dataset')
 
 
-def _validate_translate(config, *, num_devices, num_processes) -> None:
-  """The translate section (encoder distillation and translation grids)."""
-  t = config.translate
-  p, key = t.encoder, 'translate.encoder'
+def _validate_optimisation(key, p, *, num_devices, num_processes) -> None:
+  """A training phase's section: steps, batch, checkpointing and optimiser."""
   for name in ('num_steps', 'batch_size', 'checkpoint_every'):
     _positive_int(f'{key}.{name}', p[name])
   if not p.learning_rate > 0:
@@ -122,6 +110,13 @@ def _validate_translate(config, *, num_devices, num_processes) -> None:
   if p.batch_size % divisor or p.batch_size % num_processes:
     _err(f'{key}.batch_size', p.batch_size,
          f'a multiple of the number of devices ({divisor}) and processes ({num_processes})')
+
+
+def _validate_translate(config, *, num_devices, num_processes) -> None:
+  """The translate section (encoder distillation and translation grids)."""
+  t = config.translate
+  p, key = t.encoder, 'translate.encoder'
+  _validate_optimisation(key, p, num_devices=num_devices, num_processes=num_processes)
   if p.time_grid not in ('deterministic', 'both'):
     _err(f'{key}.time_grid', p.time_grid, '"deterministic" or "both"')
 

@@ -96,9 +96,10 @@ class Run:
     key = (mode, sampler)
     if key not in self._samplers:
       net = self.teacher_net if mode != 'student' else self.student_net
-      self._samplers[key] = sampling.make_sample_fn(
+      self._samplers[key] = sampling.AotSampler(sampling.make_sample_fn(
           apply_fn=net.apply, mean_type=self.config.diffusion.mean_type,
-          num_classes=self.num_classes, mode=mode, sampler=sampler)
+          num_classes=self.num_classes, mode=mode, sampler=sampler),
+          name=f'{mode}/{sampler}', log=log)
     return self._samplers[key]
 
   # ---- sample grids --------------------------------------------------------

@@ -29,12 +29,39 @@ def load_config(name):
   return module.get_config()
 
 
+# The Inception weights a user passes on the command line (see the configs' docstrings).
+INCEPTION = {'cifar10': '/weights/pt_inception-2015-12-05.pth',
+             'imagenet64': '/weights/pt_inception-2015-12-05.pth'}
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_validates_for_its_dataset(name):
   config = load_config(name)
   shape, _ = SHAPES[name]
+  if name in INCEPTION:
+    config.eval.inception_weights = INCEPTION[name]
   config_validation.validate(config, image_shape=shape, num_devices=8)
   assert config.data.name and isinstance(config.seed, int) and config.stages
+
+
+@pytest.mark.parametrize('name', sorted(INCEPTION))
+def test_eval_without_inception_weights_fails_before_training(name):
+  config = load_config(name)
+  assert 'eval' in config.stages
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"eval\.inception_weights='': .*leave 'eval' out of --config\.stages"):
+    config_validation.validate(config, image_shape=SHAPES[name][0], num_devices=8)
+  config.stages = tuple(s for s in config.stages if s != 'eval')
+  config_validation.validate(config, image_shape=SHAPES[name][0], num_devices=8)
+
+
+def test_bad_eval_key_fails_in_validate():
+  config = load_config('fashion_mnist')
+  config.eval.num_samples = 0
+  with pytest.raises(config_validation.ConfigError, match=r'eval\.num_samples=0'):
+    config_validation.validate(config)
+  config.stages = ('teacher',)
+  config_validation.validate(config)  # not evaluated: not checked
 
 
 @pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10', 'imagenet64'])

@@ -185,6 +185,19 @@ def test_make_sample_fn_compiles_once_for_all_step_counts(student):
   assert not np.allclose(outs[0], outs[2], atol=1e-4)  # the step count was honoured
 
 
+def test_aot_sampler_compiles_once_logs_once_and_matches_jit(student):
+  messages = []
+  aot = sampling.AotSampler(student['fn'], name='student/stochastic', log=messages.append)
+  grid = lambda fn, n: sampling.class_grid(
+      fn, student['params'], num_classes=student['num_classes'], per_class=4,
+      image_shape=student['shape'], w=2.0, num_steps=n, seed=7)
+  outs = [grid(aot, n) for n in (4, 8, 16)]
+  assert len(aot.compiled) == 1 and len(messages) == 1, messages
+  assert messages[0].startswith('compiled the student/stochastic sampler in ')
+  np.testing.assert_allclose(outs[1], grid(student['fn'], 8), atol=1e-5)
+  assert not np.allclose(outs[0], outs[2], atol=1e-4)
+
+
 def test_make_sample_fn_rejects_unknown_mode(student):
   with pytest.raises(ValueError, match='mode'):
     sampling.make_sample_fn(apply_fn=student['base'].apply, mean_type='v', num_classes=10,

@@ -191,7 +191,7 @@ def check_eval_config(config, *, num_devices: Optional[int] = None) -> None:
     _err('inception_weights', e.inception_weights,
          f'the path of the FID Inception-v3 weights (.pth or .npz; see '
          f'gdistill/eval/inception.py): eval.feature_net={e.feature_net!r} uses Inception '
-         f'for data.name={config.data.name!r}')
+         f'for data.name={config.data.name!r}; or leave \'eval\' out of --config.stages')
   if not isinstance(e.reference_split, str) or not e.reference_split:
     _err('reference_split', e.reference_split, 'a split name such as train')
   if not isinstance(e.floor_split, str):

@@ -243,7 +243,8 @@ def run_sweep(run) -> dict:
     if (s.mode, s.sampler) not in warm:  # compile outside the timed batches
       t0 = time.perf_counter()
       generate(fn, p, w=s.w, num_steps=1, **dict(gen_kw, num_samples=e.batch_size))
-      log(f'eval: compiled the {s.mode}/{s.sampler} sampler in {time.perf_counter() - t0:.1f}s')
+      log(f'eval: {s.mode}/{s.sampler} sampler ready (compiled, one batch run) in '
+          f'{time.perf_counter() - t0:.1f}s')
       warm.add((s.mode, s.sampler))
     images, seconds, sampled = generate(fn, p, w=s.w, num_steps=s.steps, name=s.label,
                                         **gen_kw)
