@@ -94,6 +94,7 @@ class Setup:
   batch: int
   teacher_net: Any
   student_net: Any
+  params_cache: dict = dataclasses.field(default_factory=dict)
 
   @property
   def dtype(self):
@@ -321,25 +322,26 @@ class StepFn:
     return timed_compile(jitted, state, self.teacher, batch, rng, with_lowered=True)
 
 
+def _random_params(setup: Setup, net, seed: int):
+  """Sharded random parameters of ``net``, made once per setup (the init's
+  compile is seconds, and several benchmarks of one run ask for them)."""
+  key = (id(net), seed)
+  if key not in setup.params_cache:
+    init = functools.partial(networks.init_params, net, image_shape=setup.image_shape)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    sh = sharding.state_shardings(abstract, setup.mesh, setup.config.sharding)
+    setup.params_cache[key] = jax.jit(init, out_shardings=sh)(jax.random.PRNGKey(seed))
+  return setup.params_cache[key]
+
+
 def teacher_params(setup: Setup, seed: int = 0):
   """Sharded random teacher parameters (frozen input of stage 1)."""
-  abstract = jax.eval_shape(
-      functools.partial(networks.init_params, setup.teacher_net, image_shape=setup.image_shape),
-      jax.random.PRNGKey(seed))
-  sh = sharding.state_shardings(abstract, setup.mesh, setup.config.sharding)
-  return jax.jit(functools.partial(networks.init_params, setup.teacher_net,
-                                   image_shape=setup.image_shape),
-                 out_shardings=sh)(jax.random.PRNGKey(seed))
+  return _random_params(setup, setup.teacher_net, seed)
 
 
 def student_params(setup: Setup, seed: int = 1):
-  abstract = jax.eval_shape(
-      functools.partial(networks.init_params, setup.student_net, image_shape=setup.image_shape),
-      jax.random.PRNGKey(seed))
-  sh = sharding.state_shardings(abstract, setup.mesh, setup.config.sharding)
-  return jax.jit(functools.partial(networks.init_params, setup.student_net,
-                                   image_shape=setup.image_shape),
-                 out_shardings=sh)(jax.random.PRNGKey(seed))
+  """Sharded random parameters of the w-conditioned student."""
+  return _random_params(setup, setup.student_net, seed)
 
 
 def teacher_step(setup: Setup) -> StepFn:
