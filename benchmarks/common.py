@@ -130,6 +130,16 @@ def make_setup(args) -> Setup:
                teacher_net=mk(use_w=False), student_net=mk(use_w=True))
 
 
+def script_main(description: str, run) -> None:
+  """The command line of a benchmark with only the common flags:
+  ``run(setup, records)``, then the records to ``--json`` if given."""
+  args = parser(description).parse_args()
+  records = Records()
+  run(make_setup(args), records)
+  if args.json:
+    records.write(args.json)
+
+
 # ---- records and tables -------------------------------------------------------------
 
 

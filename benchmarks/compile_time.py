@@ -59,13 +59,5 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None) -> dict:
   return {'times': best}
 
 
-def main():
-  args = common.parser(__doc__.splitlines()[0]).parse_args()
-  records = common.Records()
-  run(common.make_setup(args), records)
-  if args.json:
-    records.write(args.json)
-
-
 if __name__ == '__main__':
-  main()
+  common.script_main(__doc__.splitlines()[0], run)

@@ -50,13 +50,5 @@ def run(setup: common.Setup, records: common.Records) -> dict:
   return flops
 
 
-def main():
-  args = common.parser(__doc__.splitlines()[0]).parse_args()
-  records = common.Records()
-  run(common.make_setup(args), records)
-  if args.json:
-    records.write(args.json)
-
-
 if __name__ == '__main__':
-  main()
+  common.script_main(__doc__.splitlines()[0], run)

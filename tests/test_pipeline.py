@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+import smoke_workdir
 from gdistill import checkpoint, train, workdir as workdir_lib
 from gdistill.networks import init_params, make_net
 
@@ -40,14 +41,8 @@ SMOKE_SAMPLES = ('teacher_steps4_w0', 'teacher_steps4_w1', 'stage1_steps8_w0', '
 
 
 def _env():
-  """The user's environment: GDISTILL_CPU_DEVICES host devices, not conftest's 8."""
-  env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if 'xla_force_host_platform_device_count' not in f]
-  env['XLA_FLAGS'] = ' '.join(flags)
-  env['GDISTILL_CPU_DEVICES'] = str(CPU_DEVICES)
-  env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [env.get('PYTHONPATH')] if p])
-  return env
+  """The user's environment: CPU_DEVICES host devices, not conftest's 8."""
+  return smoke_workdir.subprocess_env(CPU_DEVICES)
 
 
 def _command(workdir, data_dir, *overrides):
