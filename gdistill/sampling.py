@@ -51,7 +51,7 @@ class AotSampler:
 
   def __init__(self, jitted, *, name: str, log=None):
     self.jitted, self.name, self.log = jitted, name, log
-    self.compiled, self.compile_seconds = {}, {}
+    self.compiled = {}
 
   @staticmethod
   def _signature(args):
@@ -65,9 +65,8 @@ class AotSampler:
     if key not in self.compiled:
       t0 = time.perf_counter()
       self.compiled[key] = self.jitted.lower(*args).compile()
-      self.compile_seconds[key] = time.perf_counter() - t0
       if self.log is not None:
-        self.log(f'compiled the {self.name} sampler in {self.compile_seconds[key]:.1f}s '
+        self.log(f'compiled the {self.name} sampler in {time.perf_counter() - t0:.1f}s '
                  f'(batch {np.shape(args[1])[0]}; every step count)')
     return self.compiled[key](*args)
 
