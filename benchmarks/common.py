@@ -207,13 +207,12 @@ def interleaved_times(fns: dict, *, rounds: int, min_seconds: float = 0.0,
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def timed_compile(jitted, *args, with_lowered=False):
-  """AOT lower + compile; returns (compiled, seconds[, lowered])."""
+def timed_compile(jitted, *args):
+  """AOT lower + compile; returns (compiled, seconds, lowered)."""
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
   compiled = lowered.compile()
-  seconds = time.perf_counter() - t0
-  return (compiled, seconds, lowered) if with_lowered else (compiled, seconds)
+  return compiled, time.perf_counter() - t0, lowered
 
 
 def cost_flops(stage) -> float:
@@ -329,7 +328,16 @@ class StepFn:
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     jitted = jax.jit(self.update_fn, in_shardings=(state_sh, teacher_sh, batch_sh, repl),
                      out_shardings=(state_sh, repl), donate_argnums=(0,))
-    return timed_compile(jitted, state, self.teacher, batch, rng, with_lowered=True)
+    return timed_compile(jitted, state, self.teacher, batch, rng)
+
+
+def _init_fn(setup: Setup, net):
+  return functools.partial(networks.init_params, net, image_shape=setup.image_shape)
+
+
+def abstract_params(setup: Setup, net, seed: int):
+  """The shapes and dtypes of ``net``'s parameters (nothing is created)."""
+  return jax.eval_shape(_init_fn(setup, net), jax.random.PRNGKey(seed))
 
 
 def _random_params(setup: Setup, net, seed: int):
@@ -337,10 +345,10 @@ def _random_params(setup: Setup, net, seed: int):
   compile is seconds, and several benchmarks of one run ask for them)."""
   key = (id(net), seed)
   if key not in setup.params_cache:
-    init = functools.partial(networks.init_params, net, image_shape=setup.image_shape)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
-    sh = sharding.state_shardings(abstract, setup.mesh, setup.config.sharding)
-    setup.params_cache[key] = jax.jit(init, out_shardings=sh)(jax.random.PRNGKey(seed))
+    sh = sharding.state_shardings(abstract_params(setup, net, seed), setup.mesh,
+                                  setup.config.sharding)
+    setup.params_cache[key] = jax.jit(_init_fn(setup, net), out_shardings=sh)(
+        jax.random.PRNGKey(seed))
   return setup.params_cache[key]
 
 

@@ -13,18 +13,8 @@ from __future__ import annotations
 
 import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_FLAGS first
 
-import functools  # pylint: disable=g-import-not-at-top
-
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-from gdistill import networks  # pylint: disable=g-import-not-at-top
-
-
-def _abstract_params(setup, net, seed):
-  return jax.eval_shape(functools.partial(networks.init_params, net,
-                                          image_shape=setup.image_shape),
-                        jax.random.PRNGKey(seed))
 
 
 def step_flops(setup: common.Setup, step: common.StepFn, batch: int) -> float:
@@ -36,8 +26,8 @@ def step_flops(setup: common.Setup, step: common.StepFn, batch: int) -> float:
 
 
 def run(setup: common.Setup, records: common.Records) -> dict:
-  t_params = _abstract_params(setup, setup.teacher_net, 0)
-  s_params = _abstract_params(setup, setup.student_net, 1)
+  t_params = common.abstract_params(setup, setup.teacher_net, 0)
+  s_params = common.abstract_params(setup, setup.student_net, 1)
   steps = [common.teacher_step(setup), common.stage1_step(setup, t_params),
            common.stage2_step(setup, s_params)]
   flops = {s.name: step_flops(setup, s, setup.batch) for s in steps}

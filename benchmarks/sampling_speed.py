@@ -55,7 +55,7 @@ def run(setup: common.Setup, records: common.Records, *, batch=None, rounds=None
               'student': (make(setup.student_net, 'student'), common.student_params(setup))}
   compile_s = {}
   for name, (fn, params) in samplers.items():
-    _, compile_s[name] = common.timed_compile(fn, params, label, w, z_1, steps(1), rng)
+    compile_s[name] = common.timed_compile(fn, params, label, w, z_1, steps(1), rng)[1]
     common.block(fn(params, label, w, z_1, steps(1), rng))  # jit's own cache, for the calls
 
   cases = [('guided teacher', n) for n in TEACHER_STEPS] + [('student', n) for n in STUDENT_STEPS]
