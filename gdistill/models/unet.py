@@ -54,6 +54,65 @@ def _groups(channels: int) -> int:
   return math.gcd(32, channels)
 
 
+class GroupNorm(nn.Module):
+  """Group normalisation over [B, ..., C], optionally followed by FiLM.
+
+  ``nn.GroupNorm``'s parameters (``scale``, ``bias``: [C]), epsilon and
+  result (float32 variance from E[x^2] - E[x]^2, its ``use_fast_variance``),
+  computed for speed: one pass takes per-channel sums of x and x^2 over the
+  spatial axes ([B, C], the channel axis stays contiguous and vectorised),
+  the groups are combined on those small arrays, and normalisation, the
+  affine parameters and FiLM ``(1 + film_scale) * h + film_shift`` fold into
+  one per-(image, channel) multiply-add. Flax's version reduces over a
+  [B, H, W, G, C/G] view, whose short inner axis (3 channels per group at 96
+  channels) is slow on CPU, and applies the affine and FiLM as separate
+  elementwise passes.
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, film_scale=None, film_shift=None):
+    B, C = x.shape[0], x.shape[-1]
+    G = self.num_groups
+    gamma = self.param('scale', nn.initializers.ones, (C,))
+    beta = self.param('bias', nn.initializers.zeros, (C,))
+    axes = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    count = math.prod(x.shape[1:-1]) * (C // G)
+    s1 = jnp.sum(xf, axes).reshape(B, G, C // G).sum(-1) / count  # [B, G]
+    s2 = jnp.sum(xf * xf, axes).reshape(B, G, C // G).sum(-1) / count
+    inv = jax.lax.rsqrt(jnp.maximum(s2 - s1 * s1, 0.0) + self.epsilon)
+    mul = jnp.repeat(inv, C // G, axis=-1) * gamma  # [B, C]
+    add = beta - jnp.repeat(s1, C // G, axis=-1) * mul
+    if film_scale is not None:
+      film_scale = film_scale.reshape(B, C).astype(jnp.float32)
+      mul, add = mul * (1.0 + film_scale), add * (1.0 + film_scale) + film_shift.reshape(B, C)
+    bshape = (B,) + (1,) * (x.ndim - 2) + (C,)
+    return x * mul.reshape(bshape) + add.reshape(bshape)
+
+
+class Dropout(nn.Module):
+  """``nn.Dropout`` (the 'dropout' rng stream, inputs / keep_prob where kept),
+  with the mask drawn by JAX's Threefry-4x32 generator. JAX lowers its default
+  Threefry-2x32 on CPU as a rolled loop that passes over the whole mask
+  several times: 23 ms against 7 ms for a 32x28x28x64 mask on one core of
+  the development CPU, where Flax's dropout was ~7% of a Fashion-MNIST
+  teacher step. The Threefry-4x32 key is four words drawn from the stream's
+  key."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    words = jax.random.bits(self.make_rng('dropout'), (4,), jnp.uint32)
+    key = jax.random.wrap_key_data(words, impl='threefry4x32')
+    keep_prob = 1.0 - self.rate
+    keep = jax.random.bernoulli(key, keep_prob, x.shape)
+    return jax.lax.select(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
 class ResnetBlock(nn.Module):
   """GroupNorm-swish-conv x2 with FiLM (scale, shift) from the embedding."""
   out_ch: int
@@ -63,13 +122,12 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb, *, train: bool):
     B, H, W, C = x.shape  # [B, H, W, C]
-    h = nn.swish(nn.GroupNorm(_groups(C), name='norm1')(x))
+    h = nn.swish(GroupNorm(_groups(C), name='norm1')(x))
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv1')(h)
     scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype, name='temb_proj')(nn.swish(emb))
-    scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-    h = nn.GroupNorm(_groups(self.out_ch), name='norm2')(h) * (1.0 + scale) + shift
-    h = nn.swish(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    scale, shift = jnp.split(scale_shift, 2, axis=-1)
+    h = nn.swish(GroupNorm(_groups(self.out_ch), name='norm2')(h, scale, shift))
+    h = Dropout(self.dropout)(h, deterministic=not train)
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=zeros_init, name='conv2')(h)
     if C != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, name='nin_shortcut')(x)
@@ -84,7 +142,7 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     B, H, W, C = x.shape
-    h = nn.GroupNorm(_groups(C), name='norm')(x)
+    h = GroupNorm(_groups(C), name='norm')(x)
     qkv = nn.Dense(3 * C, dtype=self.dtype, name='qkv')(h).reshape(B, H * W, 3, C)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum('bqc,bkc->bqk', q, k) / math.sqrt(C)
@@ -169,7 +227,7 @@ class UNet(nn.Module):
         h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
     assert not hs
 
-    h = nn.swish(nn.GroupNorm(_groups(h.shape[-1]), name='norm_out')(h))
+    h = nn.swish(GroupNorm(_groups(h.shape[-1]), name='norm_out')(h))
     out = nn.Conv(self.out_ch, (3, 3), kernel_init=zeros_init, dtype=self.dtype, name='conv_out')(h)
     assert out.shape == z.shape, (out.shape, z.shape)
     return out.astype(jnp.float32)
