@@ -47,6 +47,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('sharding', config.sharding, f'one of {sharding.STRATEGIES}')
   if config.precision not in PRECISIONS:
     _err('precision', config.precision, f'one of {PRECISIONS}')
+  if not isinstance(config.get('cpu_xla_tuned', True), bool):
+    _err('cpu_xla_tuned', config.cpu_xla_tuned, 'True or False')
   if config.diffusion.mean_type not in diffusion.MEAN_TYPES:
     _err('diffusion.mean_type', config.diffusion.mean_type, f'one of {diffusion.MEAN_TYPES}')
   if config.diffusion.weighting not in diffusion.LOSS_WEIGHTINGS:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gdistill import checkpoint, sharding
+from gdistill import checkpoint, sharding, xla_options
 from gdistill.checkpoint import CheckpointError
 from gdistill.encoder import ENCODER_PREFIX, encoder_phase_name
 from gdistill.networks import init_params, make_net, model_kwargs
@@ -78,6 +78,8 @@ class Workdir:
       raise CheckpointError(f'workdir {self.path}: no checkpoints (train first: python -m '
                             f'gdistill.main --config=... --workdir={workdir})')
     self.mesh = sharding.make_mesh({sharding.DATA_AXIS: -1})
+    self.compile_options = xla_options.compile_options(self.config,
+                                                       self.mesh.devices.flat[0].platform)
     meta = self.meta(next(iter(self.steps)))
     self.image_shape = tuple(meta['image_shape'])
     self.num_classes = int(meta['num_classes'])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import checkpoint, sharding
+from gdistill import checkpoint, sharding, xla_options
 from gdistill.data import global_batch
 from gdistill.metric_writer import MetricWriter, Progress, log
 from gdistill.train_state import TrainState
@@ -62,6 +62,7 @@ class LoopContext:
   writer: MetricWriter
   log_every: int
   max_to_keep: int = 2
+  compile_options: dict = dataclasses.field(default_factory=dict)  # xla_options.compile_options
 
 
 def phase_rng(seed: int, name: str) -> jax.Array:
@@ -100,7 +101,8 @@ def compile_step(phase: Phase, ctx: LoopContext, state: TrainState, batch, rng):
   Phases that share an update function and argument signature (the halvings
   of stage 2) share one compilation.
   """
-  key = (phase.update_fn, _signature(state, phase.teacher, batch, rng))
+  key = (phase.update_fn, _signature(state, phase.teacher, batch, rng),
+         tuple(sorted(ctx.compile_options.items())))
   if key in _COMPILED:
     return _COMPILED[key]
   state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -111,7 +113,8 @@ def compile_step(phase: Phase, ctx: LoopContext, state: TrainState, batch, rng):
   jitted = jax.jit(phase.update_fn, in_shardings=(state_sh, teacher_sh, batch_sh, repl),
                    out_shardings=(state_sh, repl), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, phase.teacher, batch, rng).compile()
+  compiled = xla_options.compile(jitted.lower(state, phase.teacher, batch, rng),
+                                 ctx.compile_options)
   log(f'{phase.name}: compiled train step in {time.perf_counter() - t0:.1f}s')
   _COMPILED[key] = compiled
   return compiled

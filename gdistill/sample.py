@@ -105,8 +105,10 @@ def sample(config):
   steps, sampler = _STEPS.value, _SAMPLER.value
   phase = model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps)
   model = work.load(phase)
-  fn = sampling.make_sample_fn(apply_fn=model.apply_fn, mean_type=config.diffusion.mean_type,
-                               num_classes=work.num_classes, mode=model.mode, sampler=sampler)
+  fn = sampling.AotSampler(
+      sampling.make_sample_fn(apply_fn=model.apply_fn, mean_type=config.diffusion.mean_type,
+                              num_classes=work.num_classes, mode=model.mode, sampler=sampler),
+      name=f'{model.mode}/{sampler}', compile_options=work.compile_options)
   labels = np.repeat(np.asarray(classes, np.int32), _NUM.value)
   rng = jax.random.PRNGKey(_SEED.value)
   z_1 = np.asarray(jax.random.normal(jax.random.fold_in(rng, 0),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gdistill import guidance, samplers
+from gdistill import guidance, samplers, xla_options
 
 
 def make_sample_fn(*, apply_fn, mean_type: str, num_classes: int, mode: str, sampler: str):
@@ -47,10 +47,11 @@ class AotSampler:
   """A jitted sampler compiled ahead of time (``.lower(...).compile()``) once
   per input signature (shapes, dtypes, shardings), with the compile time
   reported through ``log``. The step count is an argument, so one compilation
-  serves every N."""
+  serves every N. ``compile_options``: ``xla_options.compile_options``."""
 
-  def __init__(self, jitted, *, name: str, log=None):
+  def __init__(self, jitted, *, name: str, log=None, compile_options=None):
     self.jitted, self.name, self.log = jitted, name, log
+    self.compile_options = compile_options or {}
     self.compiled = {}
 
   @staticmethod
@@ -64,7 +65,7 @@ class AotSampler:
     key = self._signature(args)
     if key not in self.compiled:
       t0 = time.perf_counter()
-      self.compiled[key] = self.jitted.lower(*args).compile()
+      self.compiled[key] = xla_options.compile(self.jitted.lower(*args), self.compile_options)
       if self.log is not None:
         self.log(f'compiled the {self.name} sampler in {time.perf_counter() - t0:.1f}s '
                  f'(batch {np.shape(args[1])[0]}; every step count)')

@@ -17,7 +17,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from gdistill import checkpoint, config_validation, encoder, losses, sampling, sharding
+from gdistill import (checkpoint, config_validation, encoder, losses, sampling, sharding,
+                      xla_options)
 from gdistill.data import open_source
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, Phase, run_phase
@@ -61,7 +62,9 @@ class Run:
     self.writer = MetricWriter(self.workdir)
     self.ctx = LoopContext(workdir=self.workdir, mesh=self.mesh, source=self.source, seed=c.seed,
                            strategy=c.sharding, writer=self.writer, log_every=c.log_every,
-                           max_to_keep=c.checkpoint.max_to_keep)
+                           max_to_keep=c.checkpoint.max_to_keep,
+                           compile_options=xla_options.compile_options(
+                               c, self.mesh.devices.flat[0].platform))
     self.teacher_net = self.net(use_w=False)
     self.student_net = self.net(use_w=True)
     self._samplers = {}
@@ -99,7 +102,7 @@ class Run:
       self._samplers[key] = sampling.AotSampler(sampling.make_sample_fn(
           apply_fn=net.apply, mean_type=self.config.diffusion.mean_type,
           num_classes=self.num_classes, mode=mode, sampler=sampler),
-          name=f'{mode}/{sampler}', log=log)
+          name=f'{mode}/{sampler}', log=log, compile_options=self.ctx.compile_options)
     return self._samplers[key]
 
   # ---- sample grids --------------------------------------------------------

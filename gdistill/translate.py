@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import guidance, samplers
+from gdistill import guidance, samplers, sampling
 from gdistill.config_validation import ConfigError
 from gdistill.grids import save_grid
 from gdistill.inference import Workdir, encoder_phase, require_student, run_batched
@@ -141,10 +141,11 @@ class Translator:
     enc, dec = self.model(route.encoder), self.model(route.decoder)
     key = (route.encoder == 'teacher', route.decoder == 'teacher')
     if key not in self._fns:
-      self._fns[key] = make_translate_fn(
+      self._fns[key] = sampling.AotSampler(make_translate_fn(
           encode_apply=enc.apply_fn, decode_apply=dec.apply_fn, encode_mode=enc.mode,
           decode_mode=dec.mode, mean_type=self.work.config.diffusion.mean_type,
-          num_classes=self.work.num_classes)
+          num_classes=self.work.num_classes), name='translate',
+          compile_options=self.work.compile_options)
     fn = self._fns[key]
     n = x.shape[0]
     labels = (np.full((n,), source, np.int32), np.full((n,), target, np.int32))

@@ -17,7 +17,7 @@ CONFIG_FILE = 'config.json'
 # how to log and evaluate, and how to lay the work out on devices.
 MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'checkpoint',
                     'mesh', 'sharding', 'multihost', 'data.data_dir', 'data.download',
-                    'teacher_checkpoint', 'precision')
+                    'teacher_checkpoint', 'precision', 'cpu_xla_tuned')
 
 
 class WorkdirError(ValueError):

@@ -159,8 +159,12 @@ def test_stage2_step_same_under_fsdp_and_replicated(devices8):
   (fs, fm), (rs, rm) = out['fsdp'], out['replicated']
   np.testing.assert_allclose(fm['loss'], rm['loss'], rtol=1e-5)
   assert float(fm['loss']) > 0
-  _assert_trees_close(fs.params, rs.params)
-  _assert_trees_close(fs.opt_state, rs.opt_state)
+  np.testing.assert_allclose(fm['grad_norm'], rm['grad_norm'], rtol=1e-5)
+  # Adam's moments hold the gradients themselves: tight. The parameters after
+  # Adam's first update (lr * g / (|g| + eps)) may differ by a good part of lr
+  # where |g| is near eps (a gradient of ~1e-8 here), hence the wider atol.
+  _assert_trees_close(fs.opt_state, rs.opt_state, rtol=1e-4, atol=1e-7)
+  _assert_trees_close(fs.params, rs.params, atol=3e-4)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), rs.params, student)
   assert np.median(jax.tree.leaves(moved)) > 1e-4
 
