@@ -33,7 +33,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from gdistill import losses, networks, sharding  # pylint: disable=g-import-not-at-top
+from gdistill import losses, networks, sharding, xla_options  # pylint: disable=g-import-not-at-top
 from gdistill.train_state import init_state, make_optimizer, make_update_fn  # pylint: disable=g-import-not-at-top
 
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py')
@@ -67,6 +67,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                  help='override config.sharding')
   p.add_argument('--batch', type=int, default=None,
                  help='training batch (default: the config\'s teacher.batch_size)')
+  p.add_argument('--xla-defaults', action='store_true',
+                 help='config.cpu_xla_tuned=False: compile with XLA\'s default options on CPU')
   return p
 
 
@@ -94,6 +96,7 @@ class Setup:
   batch: int
   teacher_net: Any
   student_net: Any
+  compile_options: dict
   params_cache: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -107,7 +110,8 @@ class Setup:
             f'mult={tuple(c.model.ch_mult)} blocks={c.model.num_res_blocks} '
             f'attn={tuple(c.model.attn_resolutions)} | image {self.image_shape} | '
             f'{c.precision} | {c.sharding} over {self.mesh.size} x {dev.platform} '
-            f'({dev.device_kind}) | {jax.process_count()} process(es), jax {jax.__version__}')
+            f'({dev.device_kind}) | {jax.process_count()} process(es), jax {jax.__version__} | '
+            f'XLA options {self.compile_options or "default"}')
 
 
 def make_setup(args) -> Setup:
@@ -116,6 +120,8 @@ def make_setup(args) -> Setup:
     config.precision = args.precision
   if args.sharding:
     config.sharding = args.sharding
+  if args.xla_defaults:
+    config.cpu_xla_tuned = False
   if config.data.name not in DATASETS:
     raise SystemExit(f'data.name={config.data.name!r}: the benchmarks know {sorted(DATASETS)}')
   image_shape, num_classes = DATASETS[config.data.name]
@@ -127,7 +133,8 @@ def make_setup(args) -> Setup:
                          out_ch=image_shape[-1])
   return Setup(config=config, config_name=name, quick=args.quick, mesh=mesh,
                image_shape=tuple(image_shape), num_classes=num_classes, batch=batch,
-               teacher_net=mk(use_w=False), student_net=mk(use_w=True))
+               teacher_net=mk(use_w=False), student_net=mk(use_w=True),
+               compile_options=xla_options.compile_options(config, mesh.devices.flat[0].platform))
 
 
 def script_main(description: str, run) -> None:
@@ -207,11 +214,12 @@ def interleaved_times(fns: dict, *, rounds: int, min_seconds: float = 0.0,
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def timed_compile(jitted, *args):
-  """AOT lower + compile; returns (compiled, seconds, lowered)."""
+def timed_compile(jitted, *args, options=None):
+  """AOT lower + compile with XLA ``options`` (``Setup.compile_options``, as
+  the driver compiles); returns (compiled, seconds, lowered)."""
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
-  compiled = lowered.compile()
+  compiled = xla_options.compile(lowered, options)
   return compiled, time.perf_counter() - t0, lowered
 
 
@@ -259,31 +267,52 @@ def max_rss_bytes() -> float:
 # ---- machine peak ----------------------------------------------------------------------
 
 
-def matmul_peak(mesh, dtype, *, size: Optional[int] = None, rounds: int = 5) -> dict:
-  """FLOP/s of a large jitted matmul in ``dtype``, on one device and on all.
+class MatmulPeak:
+  """A large jitted matmul in ``dtype``, on one device and on all, as timed callables.
 
   On all devices the matmuls are a batch split over the mesh's data axis
-  (each device multiplies its own pair), the way a data-parallel step
-  loads the machine. The machine's peak is the larger of the two.
+  (each device multiplies its own pair), the way a data-parallel step loads
+  the machine. Each is compiled with XLA's defaults and, where given, with
+  the XLA ``options`` the timed work uses (on CPU those run the matmul in XLA's
+  own runtime, ~10% faster than YNNPACK's); the machine's peak is the fastest
+  of them. Time ``fns()`` in the same ``interleaved_times`` call as the work
+  it is the peak for: the speed of a shared machine drifts by tens of
+  percent within minutes, and a peak measured before the work would put that
+  drift into the fraction.
   """
-  platform = jax.devices()[0].platform
-  size = size or (2048 if platform == 'cpu' else 8192)
-  n = mesh.size
-  key = jax.random.PRNGKey(0)
-  a = jax.random.normal(key, (n, size, size), dtype)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (n, size, size), dtype)
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
-  a_all, b_all = jax.device_put(a, spec), jax.device_put(b, spec)
-  a1, b1 = jax.device_put(a[0], jax.devices()[0]), jax.device_put(b[0], jax.devices()[0])
-  mm_all = jax.jit(lambda x, y: jnp.einsum('bij,bjk->bik', x, y), out_shardings=spec)
-  mm_one = jax.jit(lambda x, y: x @ y)
-  block(mm_all(a_all, b_all))
-  block(mm_one(a1, b1))
-  t = interleaved_times({'one': lambda: mm_one(a1, b1), 'all': lambda: mm_all(a_all, b_all)},
-                        rounds=rounds)
-  flops = 2.0 * size ** 3
-  one, all_ = flops / t['one'], n * flops / t['all']
-  return {'size': size, 'one_device': one, 'all_devices': all_, 'peak': max(one, all_)}
+
+  def __init__(self, mesh, dtype, *, size: Optional[int] = None, options=None):
+    platform = jax.devices()[0].platform
+    self.size = size or (2048 if platform == 'cpu' else 8192)
+    self.n = mesh.size
+    key = jax.random.PRNGKey(0)
+    a = jax.random.normal(key, (self.n, self.size, self.size), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (self.n, self.size, self.size), dtype)
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
+    args = {'all_devices': jax.device_put((a, b), spec),
+            'one_device': jax.device_put((a[0], b[0]), jax.devices()[0])}
+    jitted = {'all_devices': jax.jit(lambda x, y: jnp.einsum('bij,bjk->bik', x, y),
+                                     out_shardings=spec),
+              'one_device': jax.jit(lambda x, y: x @ y)}
+    self._fns = {}
+    for where, fn in jitted.items():
+      for tag, opts in (('', None), ('_tuned', options)):
+        if tag and not opts:
+          continue
+        compiled = xla_options.compile(fn.lower(*args[where]), opts)
+        block(compiled(*args[where]))
+        self._fns[f'matmul_{where}{tag}'] = functools.partial(compiled, *args[where])
+
+  def fns(self) -> dict:
+    return dict(self._fns)
+
+  def result(self, times: dict) -> dict:
+    """The FLOP/s from ``interleaved_times`` results that include ``fns()``."""
+    flops = 2.0 * self.size ** 3
+    rate = {k: (self.n if 'all_devices' in k else 1) * flops / times[k] for k in self._fns}
+    one = max(v for k, v in rate.items() if 'one_device' in k)
+    all_ = max(v for k, v in rate.items() if 'all_devices' in k)
+    return {'size': self.size, 'one_device': one, 'all_devices': all_, 'peak': max(one, all_)}
 
 
 # ---- state, batches and step functions (as gdistill.train builds them) -----------------
@@ -318,7 +347,7 @@ class StepFn:
     shardings = sharding.state_shardings(abstract, mesh, strategy)
     return jax.jit(self.init_fn, out_shardings=shardings)(self.teacher)
 
-  def compile(self, mesh, state, batch, rng):
+  def compile(self, mesh, state, batch, rng, options=None):
     """AOT, with the shardings and donation of loop.compile_step:
     (compiled, seconds, lowered)."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -328,7 +357,7 @@ class StepFn:
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     jitted = jax.jit(self.update_fn, in_shardings=(state_sh, teacher_sh, batch_sh, repl),
                      out_shardings=(state_sh, repl), donate_argnums=(0,))
-    return timed_compile(jitted, state, self.teacher, batch, rng)
+    return timed_compile(jitted, state, self.teacher, batch, rng, options=options)
 
 
 def _init_fn(setup: Setup, net):

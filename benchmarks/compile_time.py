@@ -39,7 +39,8 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None) -> dict:
     fn = sampling.make_sample_fn(apply_fn=net.apply, mean_type=c.diffusion.mean_type,
                                  num_classes=setup.num_classes, mode=mode, sampler='ddim')
     steps = jax.device_put(jnp.int32(n), repl)
-    return common.timed_compile(fn, params, label, w, z_1, steps, rng)[1]
+    return common.timed_compile(fn, params, label, w, z_1, steps, rng,
+                                options=setup.compile_options)[1]
 
   compile_once('student', 4)  # first-use costs (backend, tracing caches) out of the timings
   times = {(name, n): [] for name in nets for n in STEPS}

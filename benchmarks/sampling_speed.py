@@ -55,8 +55,11 @@ def run(setup: common.Setup, records: common.Records, *, batch=None, rounds=None
               'student': (make(setup.student_net, 'student'), common.student_params(setup))}
   compile_s = {}
   for name, (fn, params) in samplers.items():
-    compile_s[name] = common.timed_compile(fn, params, label, w, z_1, steps(1), rng)[1]
-    common.block(fn(params, label, w, z_1, steps(1), rng))  # jit's own cache, for the calls
+    # One compilation serves every step count (a traced argument), as in the driver.
+    fn, compile_s[name], _ = common.timed_compile(fn, params, label, w, z_1, steps(1), rng,
+                                                  options=setup.compile_options)
+    common.block(fn(params, label, w, z_1, steps(1), rng))
+    samplers[name] = (fn, params)
 
   cases = [('guided teacher', n) for n in TEACHER_STEPS] + [('student', n) for n in STUDENT_STEPS]
 
