@@ -64,6 +64,16 @@ def test_bad_eval_key_fails_in_validate():
   config_validation.validate(config)  # not evaluated: not checked
 
 
+def test_cpu_xla_tuned_must_be_a_bool():
+  config = load_config('fashion_mnist')
+  assert config.cpu_xla_tuned is True
+  with config.unlocked():
+    del config['cpu_xla_tuned']
+    config.cpu_xla_tuned = 'yes'  # a config file may set anything
+  with pytest.raises(config_validation.ConfigError, match=r"cpu_xla_tuned='yes': expected True"):
+    config_validation.validate(config)
+
+
 @pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10', 'imagenet64'])
 def test_full_size_model_builds_and_shards(name, devices8):
   config = load_config(name)
