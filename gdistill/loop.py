@@ -157,8 +157,9 @@ def run_phase(phase: Phase, ctx: LoopContext) -> TrainState:
                              f'(last finite at or after step {window_start})')
     if step % ctx.log_every == 0 or step == phase.num_steps:
       mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      rate = progress.rate(step)  # NaN until a step after the first (compiling) one
       ctx.writer.scalars(step, {f'{phase.name}/{k}': v for k, v in mean.items()}
-                         | {f'{phase.name}/steps_per_s': progress.rate(step)})
+                         | ({f'{phase.name}/steps_per_s': rate} if math.isfinite(rate) else {}))
       log(progress.line(step, mean))
       window, window_start = [], step
     if step % phase.checkpoint_every == 0 or step == phase.num_steps:
