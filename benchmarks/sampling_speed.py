@@ -31,10 +31,10 @@ def sample_batch_size(setup: common.Setup, requested=None) -> int:
 
   The ratio to the NFE ratio compares a student call on B images with a guided
   teacher call on 2B: where B is too small to fill the machine, the student's
-  calls are less efficient per image. On the 2-core CPU (YNNPACK elementwise
-  fusions on) B=20 read 0.946-0.983, B=40 1.001-1.013 (the final options:
-  0.942 at B=40); gdistill itself samples 80 (grids) and 200 (evaluation) at
-  a time there. Larger B takes minutes for the 2 x 256 teacher on a CPU. On
+  calls are less efficient per image. On the 2-core CPU (gdistill's CPU
+  options) B=20 read 0.946-0.983, B=40 0.998-1.013 (YNNPACK for reductions
+  only: 0.942 at B=40); gdistill itself samples 80 (grids) and 200
+  (evaluation) at a time there. Larger B takes minutes for the 2 x 256 teacher on a CPU. On
   an accelerator small batches are latency-bound."""
   n = setup.mesh.size
   if jax.devices()[0].platform == 'cpu':
