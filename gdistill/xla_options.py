@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import jax
 
@@ -56,11 +56,9 @@ def compile_options(config, platform: Optional[str] = None) -> dict:
   return {}
 
 
-def ynn_layout_problems(hlo_text: str) -> List[str]:
-  """Instructions of an optimised HLO module's YNNPACK fusions that YNNPACK
-  cannot take: a tuple, more than ``YNN_MAX_TENSOR_RANK`` dimensions, or a
-  layout other than the descending (row-major) one. XLA checks this only when
-  it builds the fusion, at the program's first run."""
+def ynn_fusion_bodies(hlo_text: str) -> Dict[str, List[str]]:
+  """The instruction lines of the computations that an optimised HLO module's
+  YNNPACK fusions call, by computation name."""
   bodies, body, ynn = {}, None, set()
   for line in hlo_text.splitlines():
     if not line[:1].isspace():  # a computation's header or its closing brace
@@ -78,9 +76,17 @@ def ynn_layout_problems(hlo_text: str) -> List[str]:
       called = _CALLS.search(line)
       if called:
         ynn.add(called.group(1))
+  return {name: bodies.get(name, []) for name in sorted(ynn)}
+
+
+def ynn_layout_problems(hlo_text: str) -> List[str]:
+  """Instructions of an optimised HLO module's YNNPACK fusions that YNNPACK
+  cannot take: a tuple, more than ``YNN_MAX_TENSOR_RANK`` dimensions, or a
+  layout other than the descending (row-major) one. XLA checks this only when
+  it builds the fusion, at the program's first run."""
   problems = []
-  for name in sorted(ynn):
-    for line in bodies.get(name, ()):
+  for body in ynn_fusion_bodies(hlo_text).values():
+    for line in body:
       shape = _RESULT_SHAPE.search(line)
       if not shape:
         continue

@@ -1,8 +1,6 @@
 """CPU compile options: chosen by the config, rejected options and YNNPACK
 fusions that would fail at run time fall back, results unchanged."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +28,9 @@ def _conv_weight_grad(x, w):
 def _ynnpack_weight_grad_convolutions(compiled) -> int:
   """Weight-gradient convolutions (XLA writes them with the image as the
   window, 28x28 here) inside the computations that YNNPACK fusions call."""
-  text = compiled.as_text()
-  called = re.findall(r'calls=%([\w.\-]+)[^\n]*__ynn_fusion', text)
-  bodies = {m.group(1): m.group(2) for m in re.finditer(r'^%([\w.\-]+) .*?\{\n(.*?)\n\}', text,
-                                                       re.M | re.S)}
-  return sum(bodies.get(name, '').count('window={size=28x28') for name in called)
+  return sum(line.count('window={size=28x28')
+             for body in xla_options.ynn_fusion_bodies(compiled.as_text()).values()
+             for line in body)
 
 
 def test_tuned_options_move_weight_gradients_out_of_ynnpack_with_the_same_result():
