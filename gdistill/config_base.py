@@ -31,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = 'replicated'  # or 'fsdp'
   c.precision = 'float32'    # or 'bfloat16' (compute only; params stay float32)
   # On CPU, compile train steps and samplers with gdistill.xla_options.CPU_TUNED
-  # (convolutions by XLA's own runtime, not YNNPACK): faster, see benchmarks/README.md.
+  # (weight-gradient convolutions by XLA's own runtime, not YNNPACK): faster, see
+  # benchmarks/README.md.
   c.cpu_xla_tuned = True
   c.mesh = ml_collections.ConfigDict({'data': -1})
   c.log_every = 50
