@@ -33,8 +33,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from gdistill import losses, networks, sharding, xla_options  # pylint: disable=g-import-not-at-top
-from gdistill.train_state import init_state, make_optimizer, make_update_fn  # pylint: disable=g-import-not-at-top
+from gdistill import model_store, networks, phases, run_plan, sharding, xla_options  # pylint: disable=g-import-not-at-top
 
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py')
 QUICK_CONFIG = os.path.join(REPO, 'configs', 'smoke.py')
@@ -327,37 +326,31 @@ def random_batch(setup: Setup, batch: int, seed: int = 0):
   return {'image': jax.device_put(image, sh), 'label': jax.device_put(label, sh)}
 
 
-def _optimizer(section):
-  return make_optimizer(learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
-                        total_steps=section.num_steps, decay=section.lr_decay,
-                        grad_clip=section.grad_clip)
-
-
 @dataclasses.dataclass
 class StepFn:
-  """One phase's update function with its (sharded) state and frozen teacher."""
+  """One phase's update function with its (sharded) state and frozen inputs."""
   name: str
   update_fn: Callable
-  init_fn: Callable  # init_fn(teacher) -> TrainState
-  teacher: Any
+  init_fn: Callable  # init_fn(frozen) -> TrainState
+  frozen: Any
 
   def build_state(self, mesh, strategy):
     """Born sharded, as loop.build_state does."""
-    abstract = jax.eval_shape(self.init_fn, self.teacher)
+    abstract = jax.eval_shape(self.init_fn, self.frozen)
     shardings = sharding.state_shardings(abstract, mesh, strategy)
-    return jax.jit(self.init_fn, out_shardings=shardings)(self.teacher)
+    return jax.jit(self.init_fn, out_shardings=shardings)(self.frozen)
 
   def compile(self, mesh, state, batch, rng, options=None):
     """AOT, with the shardings and donation of loop.compile_step:
     (compiled, seconds, lowered)."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     repl = sharding.replicated(mesh)
-    teacher_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else repl,
-                              self.teacher)
+    frozen_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else repl,
+                             self.frozen)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    jitted = jax.jit(self.update_fn, in_shardings=(state_sh, teacher_sh, batch_sh, repl),
+    jitted = jax.jit(self.update_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
                      out_shardings=(state_sh, repl), donate_argnums=(0,))
-    return timed_compile(jitted, state, self.teacher, batch, rng, options=options)
+    return timed_compile(jitted, state, self.frozen, batch, rng, options=options)
 
 
 def _init_fn(setup: Setup, net):
@@ -391,58 +384,35 @@ def student_params(setup: Setup, seed: int = 1):
   return _random_params(setup, setup.student_net, seed)
 
 
+def _builder(setup: Setup) -> phases.PhaseBuilder:
+  """The driver's phase builder over the setup's mesh (its store never loads anything)."""
+  if 'builder' not in setup.params_cache:
+    store = model_store.ModelStore('benchmark', setup.config, mesh=setup.mesh,
+                                   image_shape=setup.image_shape, num_classes=setup.num_classes,
+                                   strategy=setup.config.sharding,
+                                   compile_options=setup.compile_options)
+    setup.params_cache['builder'] = phases.PhaseBuilder(setup.config, store)
+  return setup.params_cache['builder']
+
+
+def _step(setup: Setup, spec: run_plan.PhaseSpec, teacher_p=None) -> StepFn:
+  phase = _builder(setup).build(spec, teacher_p)
+  return StepFn(spec.kind, phase.update_fn, phase.init_fn, phase.frozen)
+
+
 def teacher_step(setup: Setup) -> StepFn:
-  """The teacher phase's step (gdistill.train.Run.teacher_phase)."""
-  c, d = setup.config, setup.config.diffusion
-  net, opt = setup.teacher_net, _optimizer(c.teacher)
-  loss = functools.partial(losses.teacher_loss, apply_fn=net.apply, mean_type=d.mean_type,
-                           num_classes=setup.num_classes, p_uncond=c.teacher.p_uncond,
-                           weighting=d.weighting)
-
-  def init_fn(teacher):
-    del teacher
-    return init_state(networks.init_params(net, jax.random.PRNGKey(c.seed), setup.image_shape),
-                      opt, ema=c.teacher.ema_decay > 0)
-  return StepFn('teacher', make_update_fn(loss, opt, ema_decay=c.teacher.ema_decay), init_fn, {})
-
-
-def _student_step(setup: Setup, name, section, loss, teacher, *, from_teacher_net: bool):
-  """Run.student_phase: the w-conditioned student with the section's dropout."""
-  c = setup.config
-  train_net = networks.make_net(c, num_classes=setup.num_classes, out_ch=setup.image_shape[-1],
-                                use_w=True, dropout=section.dropout)
-  opt = _optimizer(section)
-  update = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
-                          ema_decay=section.ema_decay)
-
-  def init_fn(teacher):
-    if from_teacher_net:
-      params = networks.student_from_teacher(
-          networks.init_params(train_net, jax.random.PRNGKey(c.seed + 1), setup.image_shape),
-          teacher['params'])
-    else:
-      params = jax.tree.map(jnp.copy, teacher['params'])
-    return init_state(params, opt, ema=section.ema_decay > 0)
-  return StepFn(name, update, init_fn, teacher)
+  """The teacher phase's step, as the driver builds it (gdistill.phases)."""
+  return _step(setup, run_plan.PhaseSpec('teacher', run_plan.TEACHER, None, None, 'teacher'))
 
 
 def stage1_step(setup: Setup, teacher_p) -> StepFn:
-  """Run.stage1_phase: the student matches the guided teacher."""
-  c, d = setup.config, setup.config.diffusion
-  loss = functools.partial(losses.stage1_loss, teacher_apply=setup.teacher_net.apply,
-                           mean_type=d.mean_type, teacher_mean_type=d.mean_type,
-                           num_classes=setup.num_classes, w_min=c.guidance.w_min,
-                           w_max=c.guidance.w_max, weighting=d.weighting)
-  return _student_step(setup, 'stage1', c.stage1, loss, {'params': teacher_p},
-                       from_teacher_net=True)
+  """The stage-1 step: the student matches the guided teacher."""
+  return _step(setup, run_plan.PhaseSpec('stage1', run_plan.STAGE1, None, 'teacher', 'stage1'),
+               teacher_p)
 
 
 def stage2_step(setup: Setup, student_p, student_steps: int = 8) -> StepFn:
-  """Run.stage2_phase: one student step matches two teacher steps."""
-  c, d = setup.config, setup.config.diffusion
-  loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type, w_min=c.guidance.w_min,
-                           w_max=c.guidance.w_max, grid=c.stage2.time_grid,
-                           weighting=d.weighting)
-  n = jax.device_put(jnp.int32(student_steps), sharding.replicated(setup.mesh))
-  return _student_step(setup, 'stage2', c.stage2, loss, {'params': student_p, 'num_steps': n},
-                       from_teacher_net=False)
+  """A stage-2 halving's step: one student step matches two teacher steps."""
+  spec = run_plan.PhaseSpec(run_plan.phase_name(run_plan.STAGE2, student_steps), run_plan.STAGE2,
+                            student_steps, 'stage1', 'stage2')
+  return _step(setup, spec, student_p)

@@ -17,7 +17,7 @@ import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from gdistill import sampling, sharding  # pylint: disable=g-import-not-at-top
+from gdistill import compiled_samplers, sharding  # pylint: disable=g-import-not-at-top
 
 STEPS = (4, 64, 1024)
 
@@ -36,7 +36,7 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None) -> dict:
 
   def compile_once(name, n):
     net, mode, params = nets[name]
-    fn = sampling.make_sample_fn(apply_fn=net.apply, mean_type=c.diffusion.mean_type,
+    fn = compiled_samplers.make_sample_fn(apply_fn=net.apply, mean_type=c.diffusion.mean_type,
                                  num_classes=setup.num_classes, mode=mode, sampler='ddim')
     steps = jax.device_put(jnp.int32(n), repl)
     return common.timed_compile(fn, params, label, w, z_1, steps, rng,

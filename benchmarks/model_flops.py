@@ -18,11 +18,11 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 
 def step_flops(setup: common.Setup, step: common.StepFn, batch: int) -> float:
-  state = jax.eval_shape(step.init_fn, step.teacher)
+  state = jax.eval_shape(step.init_fn, step.frozen)
   data = {'image': jax.ShapeDtypeStruct((batch, *setup.image_shape), jnp.float32),
           'label': jax.ShapeDtypeStruct((batch,), jnp.int32)}
   rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  return common.cost_flops(jax.jit(step.update_fn).lower(state, step.teacher, data, rng))
+  return common.cost_flops(jax.jit(step.update_fn).lower(state, step.frozen, data, rng))
 
 
 def run(setup: common.Setup, records: common.Records) -> dict:

@@ -43,14 +43,14 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None, which=STEP
     mem[step.name] = common.memory_bytes(compiled[step.name])
     # Two warm-up steps (first-touch allocations, thread pools).
     for _ in range(2):
-      state, metrics = compiled[step.name](state, step.teacher, data, rng)
+      state, metrics = compiled[step.name](state, step.frozen, data, rng)
     common.block(metrics)
     states[step.name] = state
     print(f'{step.name}: compiled in {compile_s[step.name]:.1f}s', flush=True)
 
   def runner(step):
     def fn():
-      states[step.name], metrics = compiled[step.name](states[step.name], step.teacher, data, rng)
+      states[step.name], metrics = compiled[step.name](states[step.name], step.frozen, data, rng)
       return metrics
     return fn
   # The matmul peak is timed in the same rounds as the steps (see MatmulPeak).

@@ -6,7 +6,7 @@ For each (source, target) pair of the run's ``translate.pairs``, the first
   ddimN       the stage-1 model as DDIM encoder and decoder (N = translate.ddim_steps,
               and N = each distilled step count, for an equal-step comparison);
   distilledN  the distilled encoder (encoder_nN) with the stage-2 student of N steps.
-Scores (``gdistill.translate.quality``): target_rate (the evaluation classifier's
+Scores (``gdistill.translation.quality``): target_rate (the evaluation classifier's
 argmax is the target), source_rate, pixel_rmse ([0, 1] units) and feature_l2
 (classifier penultimate features), plus the same for the untranslated inputs.
 
@@ -35,16 +35,16 @@ from gdistill import cli_setup  # pylint: disable=g-import-not-at-top,unused-imp
 
 def classifier(config, workdir):
   """The eval stage's classifier, trained and saved where it expects it if absent."""
-  from gdistill import translate  # pylint: disable=g-import-not-at-top
+  from gdistill import translation  # pylint: disable=g-import-not-at-top
   from gdistill.data import open_source  # pylint: disable=g-import-not-at-top
   from gdistill.eval import features  # pylint: disable=g-import-not-at-top
-  found = translate.saved_classifier(config, workdir)
+  found = translation.saved_classifier(config, workdir)
   if found is not None:
-    return found, translate.classifier_path(config, workdir)
+    return found, translation.classifier_path(config, workdir)
   d, e = config.data, config.eval
   src = lambda split: open_source(d.name, split=split, data_dir=d.data_dir or None,
                                   download=d.download)
-  path = translate.classifier_path(config, workdir)
+  path = translation.classifier_path(config, workdir)
   net = features.classifier_net(path=path, train_source=src(d.split),
                                 test_source=src(d.eval_split), steps=e.classifier_steps,
                                 batch_size=e.classifier_batch_size, seed=e.seed,
@@ -76,27 +76,27 @@ def main():
                       help='output (default: WORKDIR/translate/quality.json)')
   args = parser.parse_args()
 
-  from gdistill import translate  # pylint: disable=g-import-not-at-top
+  from gdistill import translation  # pylint: disable=g-import-not-at-top
   from gdistill.data import open_source  # pylint: disable=g-import-not-at-top
-  from gdistill.inference import Workdir, load_config  # pylint: disable=g-import-not-at-top
+  from gdistill.model_store import ModelStore, load_config  # pylint: disable=g-import-not-at-top
   config = load_config(args.workdir)
   if args.per_pair:
     config.translate.quality_per_pair = args.per_pair
   if args.w is not None:
     config.translate.w = args.w
-  work = Workdir(args.workdir, config)
+  work = ModelStore.open(args.workdir, config)
   classify, path = classifier(config, work.path)
   t = config.translate
-  routes = translate.stage_routes(config, work)
-  translator = translate.Translator(work, encode_w=t.encode_w, w=t.w)
+  routes = translation.stage_routes(config, work)
+  translator = translation.Translator(work, encode_w=t.encode_w, w=t.w)
   d = config.data
   eval_source = open_source(d.name, split=d.eval_split, data_dir=d.data_dir or None,
                             download=d.download)
   t0 = time.perf_counter()
-  report = translate.quality_report(config, work, translator, routes, eval_source, classify)
+  report = translation.quality_report(config, work, translator, routes, eval_source, classify)
   report.update(classifier=path, seconds=round(time.perf_counter() - t0, 1),
                 per_pair=t.quality_per_pair)
-  out = args.json or os.path.join(work.path, translate.TRANSLATE_DIR, translate.QUALITY_FILE)
+  out = args.json or os.path.join(work.path, translation.TRANSLATE_DIR, translation.QUALITY_FILE)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(report, f, indent=2)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from gdistill import diffusion, sharding
+from gdistill import diffusion, run_plan, sharding
+from gdistill.eval import plan
 from gdistill.models import unet
+from gdistill.samplers import SAMPLERS
 
 KNOWN_STAGES = ('teacher', 'stage1', 'stage2', 'eval', 'translate')
 PRECISIONS = ('float32', 'bfloat16')
@@ -84,8 +86,7 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _validate_translate(config, num_devices=num_devices, num_processes=num_processes)
   if 'eval' in stages:
     # Here, not when the sweep starts: a bad eval key must not wait for training to end.
-    from gdistill.eval import plan  # pylint: disable=g-import-not-at-top  # plan imports us
-    plan.check_eval_config(config, num_devices=num_devices)
+    validate_eval(config, num_devices=num_devices)
 
   if image_shape is not None:
     h, w = image_shape[0], image_shape[1]
@@ -139,14 +140,9 @@ def _validate_translate(config, *, num_devices, num_processes) -> None:
   for k in ('num_per_pair', 'ddim_steps', 'quality_per_pair'):
     _positive_int(f'translate.{k}', t[k])
   # Distilled step counts need a decoder (stage-2 student) and, when distilled, an encoder.
-  decoders, n = set(), config.stage2.start_steps // 2
-  while n >= config.stage2.min_steps:
-    decoders.add(n)
-    n //= 2
-  encoders, n = set(), start // 2
-  while n >= smallest:
-    encoders.add(n)
-    n //= 2
+  config_plan = run_plan.from_config(config)
+  decoders = set(config_plan.student_steps)
+  encoders = set(run_plan.halvings(start, smallest))  # whether or not they are distilled
   for n in t.distilled_steps:
     if n not in decoders:
       _err('translate.distilled_steps', tuple(t.distilled_steps),
@@ -155,3 +151,61 @@ def _validate_translate(config, *, num_devices, num_processes) -> None:
       _err('translate.distilled_steps', tuple(t.distilled_steps),
            f'distilled encoder step counts (translate.encoder_start_steps={start} and '
            f'encoder_min_steps={smallest} give {sorted(encoders)})')
+
+
+def _positive_ints(key, values, *, allow_empty: bool):  # an eval.* key
+  values = tuple(values)
+  if not values and not allow_empty:
+    _err(f'eval.{key}', values, 'a non-empty tuple of positive integers')
+  for v in values:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      _err(f'eval.{key}', values, 'a tuple of positive integers')
+
+
+def validate_eval(config, *, num_devices: Optional[int] = None) -> None:
+  """Raises ConfigError naming the first ``eval.*`` value that cannot work."""
+  e = config.eval
+  for key in ('num_samples', 'batch_size', 'classifier_steps', 'classifier_batch_size',
+              'precision_recall_k', 'grid_per_class'):
+    v = e[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      _err(f'eval.{key}', v, 'a positive integer')
+  if not e.classifier_learning_rate > 0:
+    _err('eval.classifier_learning_rate', e.classifier_learning_rate, 'a positive number')
+  for key in ('seed', 'expensive_nfe', 'reference_examples'):
+    if not isinstance(e[key], int) or e[key] < 0:
+      _err(f'eval.{key}', e[key], 'an integer >= 0')
+  if e.num_samples < max(plan.IS_SPLITS, e.precision_recall_k + 1):
+    _err('eval.num_samples', e.num_samples,
+         f'at least {max(plan.IS_SPLITS, e.precision_recall_k + 1)} (Inception Score uses '
+         f'{plan.IS_SPLITS} splits; precision/recall needs more than eval.precision_recall_k)')
+  if num_devices and e.batch_size % num_devices:
+    _err('eval.batch_size', e.batch_size, f'a multiple of the number of devices ({num_devices})')
+  for key in ('w_values', 'expensive_w'):
+    ws = tuple(e[key])
+    if (key == 'w_values' and not ws) or any(
+        not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in ws):
+      _err(f'eval.{key}', ws, 'a non-empty tuple of guidance weights >= 0' if key == 'w_values'
+           else 'a tuple of guidance weights >= 0')
+  models = tuple(e.models)
+  if not models or any(m not in plan.MODELS for m in models):
+    _err('eval.models', models, f'a non-empty subset of {plan.MODELS}')
+  samplers = tuple(e.samplers)
+  if 'student' in models and (not samplers or any(s not in SAMPLERS for s in samplers)):
+    _err('eval.samplers', samplers, f'a non-empty subset of {SAMPLERS}')
+  _positive_ints('teacher_steps', e.teacher_steps, allow_empty='teacher' not in models)
+  _positive_ints('teacher_ddim_steps', e.teacher_ddim_steps,
+                 allow_empty='teacher_ddim' not in models)
+  _positive_ints('student_steps', e.student_steps, allow_empty=True)
+  if e.feature_net not in plan.FEATURE_NETS:
+    _err('eval.feature_net', e.feature_net, f'one of {plan.FEATURE_NETS}')
+  if (plan.feature_net_kind(e.feature_net, config.data.name) == 'inception'
+      and not e.inception_weights):
+    _err('eval.inception_weights', e.inception_weights,
+         f'the path of the FID Inception-v3 weights (.pth or .npz; see '
+         f'gdistill/eval/inception.py): eval.feature_net={e.feature_net!r} uses Inception '
+         f'for data.name={config.data.name!r}; or leave \'eval\' out of --config.stages')
+  if not isinstance(e.reference_split, str) or not e.reference_split:
+    _err('eval.reference_split', e.reference_split, 'a split name such as train')
+  if not isinstance(e.floor_split, str):
+    _err('eval.floor_split', e.floor_split, 'a split name such as test, or "" for data.eval_split')

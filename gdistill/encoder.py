@@ -8,7 +8,8 @@ teacher is the stage-1 (w-conditioned) model queried at a fixed w (``encode_w``)
 each student starts as a copy of its teacher.
 
 ``encoder_distill_loss`` has the signature of ``losses.stage2_loss`` and runs in
-the same generic loop.
+the same generic loop; the encoder phases' names and step counts are
+``gdistill.run_plan``'s.
 """
 
 from __future__ import annotations
@@ -18,21 +19,6 @@ import jax.numpy as jnp
 
 from gdistill import diffusion
 from gdistill.guidance import model_x_hat
-
-ENCODER_PREFIX = 'encoder_n'
-
-
-def encoder_phase_name(student_steps: int) -> str:
-  return f'{ENCODER_PREFIX}{student_steps:04d}'
-
-
-def encoder_halvings(start_steps: int, min_steps: int) -> list[int]:
-  """Student step counts, e.g. start 32, min 4 -> [16, 8, 4]."""
-  out, n = [], start_steps // 2
-  while n >= min_steps:
-    out.append(n)
-    n //= 2
-  return out
 
 
 def encoder_time_grid(rng, batch, *, student_steps, grid):
@@ -86,11 +72,11 @@ def encoder_target(x_fn, *, z_s, s, student_steps, clean_start):
   return jax.lax.stop_gradient(x_tilde)
 
 
-def encoder_distill_loss(params, teacher, batch, rng, *, apply_fn, mean_type, encode_w, grid,
+def encoder_distill_loss(params, frozen, batch, rng, *, apply_fn, mean_type, encode_w, grid,
                          weighting):
   """One student encoder step from s matches two teacher encoder steps.
 
-  ``teacher`` holds the teacher's ``params``, the student's step count ``num_steps``
+  ``frozen`` holds the teacher's ``params``, the student's step count ``num_steps``
   and ``clean_start`` (traced scalars, so all halvings share one compiled step).
   The condition is the image's own label (the source class) at w = ``encode_w``;
   z_s = alpha_s x + sigma_s eps with x from data: the encoder's trajectories follow
@@ -102,19 +88,19 @@ def encoder_distill_loss(params, teacher, batch, rng, *, apply_fn, mean_type, en
   x, label = batch['image'], batch['label']
   b = x.shape[0]
   s_rng, eps_rng, dropout_rng = jax.random.split(rng, 3)
-  m = teacher['num_steps']
+  m = frozen['num_steps']
   s = encoder_time_grid(s_rng, b, student_steps=m, grid=grid)
   logsnr = diffusion.logsnr_schedule_cosine(s)
   z_s = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
   w = jnp.full((b,), encode_w, jnp.float32)
 
   def teacher_x(z, u):
-    return model_x_hat(apply_fn=apply_fn, params=teacher['params'], z_t=z,
+    return model_x_hat(apply_fn=apply_fn, params=frozen['params'], z_t=z,
                        logsnr=diffusion.logsnr_schedule_cosine(u), label=label, w=w,
                        mean_type=mean_type)
 
   x_target = encoder_target(teacher_x, z_s=z_s, s=s, student_steps=m,
-                            clean_start=teacher['clean_start'])
+                            clean_start=frozen['clean_start'])
   x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_s, logsnr=logsnr, label=label,
                       w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,

@@ -75,9 +75,9 @@ def main(argv):
     _cli.fail(f'--workdir={workdir}: no checkpoints there; train first with '
               f'python -m gdistill.main --config=... --workdir={workdir}')
   config = _CONFIG.value
-  from gdistill.eval import plan  # pylint: disable=g-import-not-at-top
+  from gdistill import config_validation  # pylint: disable=g-import-not-at-top
   with _cli.user_errors():
-    plan.check_eval_config(config)  # before JAX starts: a bad key costs nothing
+    config_validation.validate_eval(config)  # before the data and models load
   if _FROM_WORKDIR and not _recorded_eval(workdir):
     print(f'gdistill: note: {os.path.join(workdir, CONFIG_FILE)} predates the eval section: '
           f'using its defaults (eval.num_samples={config.eval.num_samples}, '
@@ -86,13 +86,10 @@ def main(argv):
           f'settings of that file', flush=True)
   _cli.maybe_initialize_distributed(config)
   from gdistill.eval import sweep  # pylint: disable=g-import-not-at-top
-  from gdistill.train import Run  # pylint: disable=g-import-not-at-top
+  from gdistill.run_setup import open_run  # pylint: disable=g-import-not-at-top
   with _cli.user_errors():
-    run = Run(config, workdir)
-    try:
-      sweep.run_sweep(run)
-    finally:
-      run.writer.close()
+    setup = open_run(config, workdir)
+    sweep.run_sweep(config, setup.store, train_source=setup.source)
 
 
 if __name__ == '__main__':

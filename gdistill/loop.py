@@ -34,9 +34,10 @@ class Phase:
     name: directory name under workdir/checkpoints, e.g. ``stage2_n0004``.
     num_steps: total updates of the phase.
     batch_size: global batch size.
-    init_fn: ``init_fn(teacher) -> TrainState`` (jitted with the state's shardings).
-    update_fn: pure ``(state, teacher, batch, rng) -> (state, metrics)``.
-    teacher: frozen pytree given to init_fn and update_fn (may be empty).
+    init_fn: ``init_fn(frozen) -> TrainState`` (jitted with the state's shardings).
+    update_fn: pure ``(state, frozen, batch, rng) -> (state, metrics)``.
+    frozen: the phase's frozen inputs, given to init_fn and update_fn: what it reads
+      but never trains (its teacher's parameters, the student's step count; may be empty).
     meta: JSON saved with each checkpoint (what the network is).
     on_done: called with the final state once the phase has finished.
   """
@@ -45,7 +46,7 @@ class Phase:
   batch_size: int
   init_fn: Callable[[Any], TrainState]
   update_fn: Callable
-  teacher: Any
+  frozen: Any
   meta: dict
   checkpoint_every: int
   on_done: Optional[Callable[[TrainState], None]] = None
@@ -77,14 +78,14 @@ def _abstract_with_shardings(abstract, shardings):
 
 def build_state(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
   """Restores the latest checkpoint of the phase, or initialises (born sharded)."""
-  abstract = jax.eval_shape(phase.init_fn, phase.teacher)
+  abstract = jax.eval_shape(phase.init_fn, phase.frozen)
   shardings = sharding.state_shardings(abstract, ctx.mesh, ctx.strategy)
   latest = mgr.latest_step()
   if latest is not None:
     state = checkpoint.restore(mgr, latest, _abstract_with_shardings(abstract, shardings))
     log(f'{phase.name}: resumed from step {int(state.step)}')
     return state
-  return jax.jit(phase.init_fn, out_shardings=shardings)(phase.teacher)
+  return jax.jit(phase.init_fn, out_shardings=shardings)(phase.frozen)
 
 
 _COMPILED = {}
@@ -101,19 +102,19 @@ def compile_step(phase: Phase, ctx: LoopContext, state: TrainState, batch, rng):
   Phases that share an update function and argument signature (the halvings
   of stage 2) share one compilation.
   """
-  key = (phase.update_fn, _signature(state, phase.teacher, batch, rng),
+  key = (phase.update_fn, _signature(state, phase.frozen, batch, rng),
          tuple(sorted(ctx.compile_options.items())))
   if key in _COMPILED:
     return _COMPILED[key]
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   repl = sharding.replicated(ctx.mesh)
-  teacher_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else repl,
-                            phase.teacher)
+  frozen_sh = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else repl,
+                            phase.frozen)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-  jitted = jax.jit(phase.update_fn, in_shardings=(state_sh, teacher_sh, batch_sh, repl),
+  jitted = jax.jit(phase.update_fn, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
                    out_shardings=(state_sh, repl), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = xla_options.compile(jitted.lower(state, phase.teacher, batch, rng),
+  compiled = xla_options.compile(jitted.lower(state, phase.frozen, batch, rng),
                                  ctx.compile_options)
   log(f'{phase.name}: compiled train step in {time.perf_counter() - t0:.1f}s')
   _COMPILED[key] = compiled
@@ -143,7 +144,7 @@ def run_phase(phase: Phase, ctx: LoopContext) -> TrainState:
                       batch_size=phase.batch_size)
   window, window_start = [], step
   while step < phase.num_steps:
-    state, metrics = update(state, phase.teacher, batch, rng)
+    state, metrics = update(state, phase.frozen, batch, rng)
     step += 1
     if step < phase.num_steps:
       batch = get_batch(step)  # host work overlaps the device step

@@ -1,8 +1,8 @@
 """The three training objectives, as pure functions.
 
-Each loss has the signature ``loss(params, teacher, batch, rng) -> (loss, metrics)``
+Each loss has the signature ``loss(params, frozen, batch, rng) -> (loss, metrics)``
 once its keyword-only hyper-parameters are bound with ``functools.partial``:
-``params`` are the trained network's, ``teacher`` is a frozen pytree (empty for
+``params`` are the trained network's, ``frozen`` the phase's frozen inputs (empty for
 the teacher stage), ``batch`` holds ``image`` [B, H, W, C] in [-1, 1] and
 ``label`` [B]. ``shared/METHOD.md`` sections 2-4.
 """
@@ -20,14 +20,14 @@ def _uniform_w(rng, batch, w_min, w_max):
   return jax.random.uniform(rng, (batch,), minval=w_min, maxval=w_max)
 
 
-def teacher_loss(params, teacher, batch, rng, *, apply_fn, mean_type, num_classes, p_uncond,
+def teacher_loss(params, frozen, batch, rng, *, apply_fn, mean_type, num_classes, p_uncond,
                  weighting):
   """Classifier-free-guidance teacher: denoising loss with label dropout.
 
   t ~ U[0, 1], z_t = alpha_t x + sigma_t eps, c -> null with probability p_uncond;
   loss = E[omega(lambda_t) ||x_hat(z_t, c) - x||^2].
   """
-  del teacher
+  del frozen
   x, label = batch['image'], batch['label']
   b = x.shape[0]
   t_rng, eps_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
@@ -51,7 +51,7 @@ def stage1_target(*, teacher_apply, teacher_params, z_t, logsnr, label, w, num_c
   return jax.lax.stop_gradient(x)
 
 
-def stage1_loss(params, teacher, batch, rng, *, apply_fn, teacher_apply, mean_type,
+def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_type,
                 teacher_mean_type, num_classes, w_min, w_max, weighting):
   """Stage 1: a w-conditioned student matches the guided teacher for every w.
 
@@ -64,7 +64,7 @@ def stage1_loss(params, teacher, batch, rng, *, apply_fn, teacher_apply, mean_ty
   logsnr = diffusion.logsnr_schedule_cosine(jax.random.uniform(t_rng, (b,)))
   z_t = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
   w = _uniform_w(w_rng, b, w_min, w_max)
-  x_target = stage1_target(teacher_apply=teacher_apply, teacher_params=teacher['params'],
+  x_target = stage1_target(teacher_apply=teacher_apply, teacher_params=frozen['params'],
                            z_t=z_t, logsnr=logsnr, label=label, w=w, num_classes=num_classes,
                            mean_type=teacher_mean_type)
   x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr, label=label,
@@ -118,25 +118,25 @@ def stage2_target(x_fn, *, z_t, t, student_steps):
   return jax.lax.stop_gradient(jnp.where(bcast(t2 > 0), x_tilde, last))
 
 
-def stage2_loss(params, teacher, batch, rng, *, apply_fn, mean_type, w_min, w_max, grid,
+def stage2_loss(params, frozen, batch, rng, *, apply_fn, mean_type, w_min, w_max, grid,
                 weighting):
   """Stage 2: one student step from t matches two teacher steps (w kept as input).
 
-  ``teacher`` holds the teacher's ``params`` and the student's step count
+  ``frozen`` holds the teacher's ``params`` and the student's step count
   ``num_steps`` (a traced scalar, so all halvings share one compiled step).
   loss = E[omega(lambda_t) ||x_hat_student(z_t, c, w) - x_tilde||^2].
   """
   x, label = batch['image'], batch['label']
   b = x.shape[0]
   t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
-  n = teacher['num_steps']
+  n = frozen['num_steps']
   t = stage2_time_grid(t_rng, b, student_steps=n, grid=grid)
   logsnr = diffusion.logsnr_schedule_cosine(t)
   z_t = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
   w = _uniform_w(w_rng, b, w_min, w_max)
 
   def teacher_x(z, s):
-    return model_x_hat(apply_fn=apply_fn, params=teacher['params'], z_t=z,
+    return model_x_hat(apply_fn=apply_fn, params=frozen['params'], z_t=z,
                        logsnr=diffusion.logsnr_schedule_cosine(s), label=label, w=w,
                        mean_type=mean_type)
 

@@ -4,10 +4,9 @@
       --num=16 --sampler=ddim --seed=0 --output=sneakers.png
 
 ``--model`` picks the network:
-  * ``student`` (default): the stage-2 student distilled for the step count, one
-    network evaluation per step. The stochastic sampler's N steps jump 2/N on the
-    1/N grid, which is what the N/2-step student learnt (stage2.time_grid='both',
-    METHOD.md section 5), so ``--sampler=stochastic --steps=N`` uses that one.
+  * ``student`` (default): the stage-2 student that serves the sampler at the step
+    count (``gdistill.run_plan``: ``--sampler=stochastic --steps=N`` uses the
+    N/2-step student), one network evaluation per step.
   * ``stage1``: the undistilled w-conditioned model, any step count, 1 per step.
   * ``teacher``: the guided teacher, any step count, 2 per step.
 Without ``--class`` it draws ``--num`` samples of every class (a row each).
@@ -36,27 +35,24 @@ _BATCH = flags.DEFINE_integer('batch_size', 256, 'Samples per device batch.')
 def model_phase(work, *, model: str, sampler: str, steps: int) -> str:
   """The checkpoint phase that serves (model, sampler, steps); CheckpointError if absent."""
   from gdistill.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from gdistill.inference import stage2_phase_name  # pylint: disable=g-import-not-at-top
   if model in ('stage1', 'teacher'):
-    if model not in work.steps:
+    if model not in work.finished():
       raise CheckpointError(f'--model={model}: workdir {work.path} has no {model} checkpoint '
                             f'(it holds: {work.describe()})')
     return model
-  have = work.student_steps()
+  phase = work.student_phase(sampler, steps)
+  if phase is not None:
+    return phase
   if sampler == 'ddim':
-    if steps not in have:
-      raise CheckpointError(
-          f'--steps={steps}: workdir {work.path} has no {steps}-step student; distilled step '
-          f'counts for --sampler=ddim: {", ".join(map(str, have)) or "none"} (or use '
-          f'--model=stage1 or --model=teacher for any step count)')
-    return stage2_phase_name(steps)
-  if steps % 2 or steps // 2 not in have:
-    usable = ', '.join(str(2 * n) for n in have) or 'none'
     raise CheckpointError(
-        f'--steps={steps}: the stochastic sampler at N steps needs the N/2-step student; this '
-        f'workdir serves --sampler=stochastic at {usable} steps (or use --model=stage1 or '
-        f'--model=teacher for any step count)')
-  return stage2_phase_name(steps // 2)
+        f'--steps={steps}: workdir {work.path} has no {steps}-step student; distilled step '
+        f'counts for --sampler=ddim: {", ".join(map(str, work.student_steps())) or "none"} (or '
+        f'use --model=stage1 or --model=teacher for any step count)')
+  raise CheckpointError(
+      f'--steps={steps}: the stochastic sampler at N steps needs the N/2-step student; this '
+      f'workdir serves --sampler=stochastic at '
+      f'{", ".join(map(str, work.stochastic_steps())) or "none"} steps (or use --model=stage1 '
+      f'or --model=teacher for any step count)')
 
 
 def main(argv):
@@ -78,7 +74,7 @@ def main(argv):
   from gdistill import image_io  # pylint: disable=g-import-not-at-top
   image_io.check_output_path(_OUTPUT.value, fail=cli.fail)
   with cli.user_errors():
-    from gdistill.inference import load_config  # pylint: disable=g-import-not-at-top
+    from gdistill.model_store import load_config  # pylint: disable=g-import-not-at-top
     config = load_config(_WORKDIR.value)
     cli.maybe_initialize_distributed(config)
     sample(config)
@@ -90,11 +86,11 @@ def sample(config):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from gdistill import image_io, sampling  # pylint: disable=g-import-not-at-top
-  from gdistill.inference import Workdir, run_batched  # pylint: disable=g-import-not-at-top
+  from gdistill import compiled_samplers, image_io  # pylint: disable=g-import-not-at-top
   from gdistill.metric_writer import log  # pylint: disable=g-import-not-at-top
+  from gdistill.model_store import ModelStore  # pylint: disable=g-import-not-at-top
 
-  work = Workdir(_WORKDIR.value, config)
+  work = ModelStore.open(_WORKDIR.value, config)
   if _CLASS.value is not None:
     try:
       classes = [work.parse_class(_CLASS.value, '--class')]
@@ -105,10 +101,7 @@ def sample(config):
   steps, sampler = _STEPS.value, _SAMPLER.value
   phase = model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps)
   model = work.load(phase)
-  fn = sampling.AotSampler(
-      sampling.make_sample_fn(apply_fn=model.apply_fn, mean_type=config.diffusion.mean_type,
-                              num_classes=work.num_classes, mode=model.mode, sampler=sampler),
-      name=f'{model.mode}/{sampler}', compile_options=work.compile_options)
+  fn = work.sampler(model.mode, sampler)
   labels = np.repeat(np.asarray(classes, np.int32), _NUM.value)
   rng = jax.random.PRNGKey(_SEED.value)
   z_1 = np.asarray(jax.random.normal(jax.random.fold_in(rng, 0),
@@ -117,8 +110,9 @@ def sample(config):
   def run(k, label, z):
     return fn(model.params, label, jnp.float32(_W.value), z, jnp.int32(steps),
               jax.random.fold_in(rng, 1 + k))
-  images = run_batched(run, (labels, z_1), batch_size=_BATCH.value, mesh=work.mesh)
-  nfe = steps * sampling.nfe_per_step(model.mode)
+  images = compiled_samplers.run_batched(run, (labels, z_1), batch_size=_BATCH.value,
+                                        mesh=work.mesh)
+  nfe = steps * compiled_samplers.nfe_per_step(model.mode)
   if jax.process_index() == 0:
     image_io.write_samples(_OUTPUT.value, images, labels, rows=len(classes), meta={
         'steps': steps, 'w': _W.value, 'sampler': sampler, 'model': phase, 'seed': _SEED.value,

@@ -47,16 +47,16 @@ def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool) ->
 
 def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                    ema_decay: float) -> Callable:
-  """Builds ``update_fn(state, teacher, batch, rng) -> (state, metrics)``.
+  """Builds ``update_fn(state, frozen, batch, rng) -> (state, metrics)``.
 
-  ``loss_fn(params, teacher, batch, rng) -> (loss, aux_metrics)``. The step's
+  ``loss_fn(params, frozen, batch, rng) -> (loss, aux_metrics)``. The step's
   randomness is ``fold_in(rng, state.step)``, so a resumed run draws exactly
   what an uninterrupted one would.
   """
-  def update_fn(state: TrainState, teacher, batch, rng):
+  def update_fn(state: TrainState, frozen, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, teacher, batch, step_rng)
+        state.params, frozen, batch, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params

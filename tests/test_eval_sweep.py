@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import smoke_workdir
-from gdistill.config_validation import ConfigError
+from gdistill import run_plan
+from gdistill.config_validation import ConfigError, validate_eval
 from gdistill.eval import features, plan, plots, report, sweep
 from gdistill.eval.workdir_config import get_config as workdir_config
 
@@ -39,7 +40,9 @@ def _config(name='smoke'):
 def test_plan_counts_nfe_and_serves_stochastic_rows_from_the_half_step_student():
   settings = plan.build_plan(
       w_values=(0.0, 1.0), models=plan.MODELS, teacher_steps=(64, 256),
-      teacher_ddim_steps=(1, 2, 64), student_phases={1: 'stage2_n0001', 4: 'stage2_n0004'},
+      teacher_ddim_steps=(1, 2, 64),
+      students=[p for p in run_plan.build(stage2_start=8, stage2_min=1).of_kind('stage2')
+                if p.student_steps in (1, 4)],
       samplers=('ddim', 'stochastic'))
   rows = {(s.model, s.sampler, s.steps): s for s in settings if s.w == 0.0}
   assert set(rows) == {('student', 'ddim', 1), ('student', 'stochastic', 2),
@@ -59,8 +62,7 @@ def test_plan_counts_nfe_and_serves_stochastic_rows_from_the_half_step_student()
 
 def test_plan_runs_expensive_rows_at_fewer_w_and_selects_students():
   c = _config('fashion_mnist')
-  students = {m: f'stage2_n{m:04d}' for m in (16, 8, 4, 2, 1)}
-  settings = plan.plan_from_config(c.eval, students)
+  settings = plan.plan_from_config(c.eval, run_plan.from_config(c).of_kind('stage2'))
   assert all(s.w in (0.0, 1.0) for s in settings if s.nfe > c.eval.expensive_nfe)
   assert {s.w for s in settings if s.nfe <= c.eval.expensive_nfe} == set(c.eval.w_values)
   assert 'stage2_n0016' not in {s.phase for s in settings}
@@ -83,14 +85,14 @@ def test_eval_config_errors_name_the_key(key, value, fragment):
   c = _config()
   c.eval[key] = value
   with pytest.raises(ConfigError, match=re.escape(fragment)):
-    plan.check_eval_config(c, num_devices=2)
+    validate_eval(c, num_devices=2)
 
 
 def test_inception_needs_a_weights_path():
   c = _config()
   c.data.name = 'cifar10'
   with pytest.raises(ConfigError, match=re.escape("eval.inception_weights='': expected the path")):
-    plan.check_eval_config(c)
+    validate_eval(c)
   assert plan.feature_net_kind('auto', 'mnist') == 'classifier'
   assert plan.feature_net_kind('auto', 'imagenet_resized/64x64') == 'inception'
 
@@ -175,9 +177,9 @@ def _toy_apply(variables, z, logsnr, label, *, train=False, rngs=None, w=None):
 
 
 def test_generate_reuses_one_compilation_and_feeds_w_and_steps():
-  from gdistill import sampling  # pylint: disable=g-import-not-at-top
+  from gdistill import compiled_samplers  # pylint: disable=g-import-not-at-top
   params = {'a': jnp.float32(0.5), 'w': jnp.float32(0.3)}
-  fn = sampling.make_sample_fn(apply_fn=_toy_apply, mean_type='v', num_classes=10,
+  fn = compiled_samplers.make_sample_fn(apply_fn=_toy_apply, mean_type='v', num_classes=10,
                                mode='student', sampler='stochastic')
   kw = dict(num_samples=10, batch_size=6, num_classes=10, image_shape=(4, 4, 1), seed=0)
   a, seconds, sampled = sweep.generate(fn, params, w=0.0, num_steps=2, **kw)

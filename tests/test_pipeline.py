@@ -163,8 +163,8 @@ def smoke_teacher_workdir(tmp_path_factory, fashion_data_dir):
   config = _smoke_config()
   config.data.data_dir = fashion_data_dir
   run = train.Run(config, path)
-  phase = run.teacher_phase()
-  abstract = jax.eval_shape(phase.init_fn, {})
+  phase = run.builder.build(run.plan['teacher'])
+  abstract = jax.eval_shape(phase.init_fn, phase.frozen)
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   mgr = checkpoint.manager(checkpoint.phase_dir(path, 'teacher'))
   checkpoint.save(mgr, config.teacher.num_steps, state, phase.meta)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gd_testlib import GaussianData, random_like
-from gdistill import diffusion, samplers, sampling, sharding
+from gdistill import compiled_samplers, diffusion, samplers, sharding
 
 # One image shape for every analytic test, so each compiled sampler is reused.
 SHAPE = (16, 16, 16, 4)  # 16384 values: variances to about 1%
@@ -169,10 +169,10 @@ def test_sample_dispatch_errors():
 def student(tiny_nets):
   """The tiny w-conditioned U-Net with random weights, and its compiled
   stochastic sampler (shared by the tests below)."""
-  fn = sampling.make_sample_fn(apply_fn=tiny_nets['with_w'].apply, mean_type='v',
+  fn = compiled_samplers.make_sample_fn(apply_fn=tiny_nets['with_w'].apply, mean_type='v',
                                num_classes=tiny_nets['num_classes'], mode='student',
                                sampler='stochastic')
-  grid = lambda params, num_steps, sharding=None: sampling.class_grid(
+  grid = lambda params, num_steps, sharding=None: compiled_samplers.class_grid(
       fn, params, num_classes=tiny_nets['num_classes'], per_class=4,
       image_shape=tiny_nets['shape'], w=2.0, num_steps=num_steps, seed=7, sharding=sharding)
   return dict(tiny_nets, params=random_like(tiny_nets['fresh_w'], seed=5), fn=fn, grid=grid)
@@ -187,8 +187,8 @@ def test_make_sample_fn_compiles_once_for_all_step_counts(student):
 
 def test_aot_sampler_compiles_once_logs_once_and_matches_jit(student):
   messages = []
-  aot = sampling.AotSampler(student['fn'], name='student/stochastic', log=messages.append)
-  grid = lambda fn, n: sampling.class_grid(
+  aot = compiled_samplers.AotSampler(student['fn'], name='student/stochastic', log=messages.append)
+  grid = lambda fn, n: compiled_samplers.class_grid(
       fn, student['params'], num_classes=student['num_classes'], per_class=4,
       image_shape=student['shape'], w=2.0, num_steps=n, seed=7)
   outs = [grid(aot, n) for n in (4, 8, 16)]
@@ -200,7 +200,7 @@ def test_aot_sampler_compiles_once_logs_once_and_matches_jit(student):
 
 def test_make_sample_fn_rejects_unknown_mode(student):
   with pytest.raises(ValueError, match='mode'):
-    sampling.make_sample_fn(apply_fn=student['base'].apply, mean_type='v', num_classes=10,
+    compiled_samplers.make_sample_fn(apply_fn=student['base'].apply, mean_type='v', num_classes=10,
                             mode='unguided', sampler='ddim')
 
 

@@ -57,9 +57,9 @@ def _ctx(mesh, strategy):
                           writer=None, log_every=1)
 
 
-def _phase(name, update_fn, teacher):
+def _phase(name, update_fn, frozen):
   return loop.Phase(name=name, num_steps=1, batch_size=BATCH, init_fn=None, update_fn=update_fn,
-                    teacher=teacher, meta={}, checkpoint_every=1)
+                    frozen=frozen, meta={}, checkpoint_every=1)
 
 
 def _host_state(params, *, ema):
@@ -67,12 +67,12 @@ def _host_state(params, *, ema):
   return jax.device_get(jax.jit(lambda p: init_state(p, _optimizer(), ema=ema))(params))
 
 
-def _one_step(update_fn, state, teacher, mesh, strategy):
+def _one_step(update_fn, state, frozen, mesh, strategy):
   """One step through loop.compile_step (AOT, donated state), returns host values."""
-  state, teacher, batch, rng = _place(state, teacher, mesh, strategy)
-  step = loop.compile_step(_phase('test', update_fn, teacher), _ctx(mesh, strategy), state, batch,
+  state, frozen, batch, rng = _place(state, frozen, mesh, strategy)
+  step = loop.compile_step(_phase('test', update_fn, frozen), _ctx(mesh, strategy), state, batch,
                            rng)
-  new_state, metrics = step(state, teacher, batch, rng)
+  new_state, metrics = step(state, frozen, batch, rng)
   return jax.device_get(new_state), jax.device_get(metrics)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gdistill import diffusion, encoder, samplers, translate
+from gdistill import diffusion, encoder, samplers, translation
 from gd_testlib import GaussianData
 import smoke_workdir
 
@@ -172,31 +172,25 @@ def test_encoder_distill_loss_runs_and_traces_the_step_count():
   assert loss._cache_size() == 1
 
 
-def test_encoder_halvings_and_names():
-  assert encoder.encoder_halvings(32, 4) == [16, 8, 4]
-  assert encoder.encoder_halvings(8, 4) == [4]
-  assert encoder.encoder_phase_name(8) == 'encoder_n0008'
-
-
 # ---- translation -----------------------------------------------------------------------
 
 def test_translate_same_class_is_identity_other_class_moves_toward_it():
   classes = TwoClassGaussian(s=0.15)
   x = _images((64, 4, 4, 1), data=classes.data[0])
   kw = dict(encode_steps=2048, decode_steps=2048)
-  same = translate.translate(classes.denoise_fn(0), classes.denoise_fn(0), x, **kw)
+  same = translation.translate(classes.denoise_fn(0), classes.denoise_fn(0), x, **kw)
   np.testing.assert_allclose(same, x, atol=3e-3)
-  other = translate.translate(classes.denoise_fn(0), classes.denoise_fn(1), x, **kw)
+  other = translation.translate(classes.denoise_fn(0), classes.denoise_fn(1), x, **kw)
   # Gaussian -> Gaussian of equal spread: the ODE maps x to x + (mu_1 - mu_0).
   np.testing.assert_allclose(other, x + 0.5, atol=3e-3)
 
 
 def test_route_nfe():
-  r = translate.ddim_route(64)
+  r = translation.ddim_route(64)
   assert (r.encoder, r.decoder, r.clean_start) == ('stage1', 'stage1', True)
   assert r.nfe == 63 + 64
-  assert translate.ddim_route(8, 'teacher').nfe == 2 * 7 + 2 * 8
-  assert translate.Route('d', 'encoder_n0004', 'stage2_n0004', 4, False).nfe == 8
+  assert translation.ddim_route(8, 'teacher').nfe == 2 * 7 + 2 * 8
+  assert translation.Route('d', 'encoder_n0004', 'stage2_n0004', 4, False).nfe == 8
 
 
 def test_quality_counts_target_predictions_and_distances():
@@ -206,7 +200,7 @@ def test_quality_counts_target_predictions_and_distances():
   dark = -np.ones((4, 2, 2, 1), np.float32)
   out = dark.copy()
   out[:3] = 1.0  # three of four turned bright
-  q = translate.quality(classify, dark, out, target=1, source=0)
+  q = translation.quality(classify, dark, out, target=1, source=0)
   assert q['target_rate'] == 0.75 and q['source_rate'] == 0.25 and q['num_images'] == 4
   np.testing.assert_allclose(q['pixel_rmse'], np.sqrt(0.75))
   np.testing.assert_allclose(q['feature_l2'], 0.75)
@@ -216,14 +210,14 @@ def test_saved_classifier_is_the_eval_stages_file(tmp_path):
   from gdistill.config_base import base_config  # pylint: disable=g-import-not-at-top
   from gdistill.eval import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
   config = base_config()
-  assert translate.saved_classifier(config, str(tmp_path)) is None
+  assert translation.saved_classifier(config, str(tmp_path)) is None
   params = classifier_lib.FeatureClassifier(num_classes=10).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))['params']
-  path = translate.classifier_path(config, str(tmp_path))
+  path = translation.classifier_path(config, str(tmp_path))
   assert path == str(tmp_path / 'eval' / 'classifier.npz')
   classifier_lib.save_classifier(path, params, {'dataset': 'fashion_mnist', 'num_classes': 10,
                                                 'image_shape': (28, 28, 1), 'test_accuracy': 0.9})
-  feats, logits = translate.saved_classifier(config, str(tmp_path))(
+  feats, logits = translation.saved_classifier(config, str(tmp_path))(
       np.zeros((3, 28, 28, 1), np.uint8))
   assert logits.shape == (3, 10) and feats.shape[0] == 3
 
@@ -255,11 +249,6 @@ def test_config_validation_of_the_translate_section(key, value, fragment):
   assert fragment in str(e.value)
   config.stages = ('teacher', 'stage1', 'stage2')  # not translating: not checked
   config_validation.validate(config, num_devices=2)
-
-
-def test_phase_names_match_the_driver():
-  from gdistill import inference, train  # pylint: disable=g-import-not-at-top
-  assert inference.stage2_phase_name(4) == train.stage2_phase_name(4)
 
 
 # ---- image files -------------------------------------------------------------------------
@@ -325,7 +314,7 @@ def fake(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stage_writes_grids(workdir):
-  out = os.path.join(workdir, translate.TRANSLATE_DIR)
+  out = os.path.join(workdir, translation.TRANSLATE_DIR)
   with open(os.path.join(out, 'grids.json')) as f:
     index = json.load(f)
   assert sorted(index) == ['6-shirt_to_0-t_shirt_top.png', '7-sneaker_to_9-ankle_boot.png']

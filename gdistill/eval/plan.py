@@ -2,20 +2,17 @@
 
 A setting is (model, steps, sampler, w). NFE is counted as the paper does
 (METHOD.md section 8): a guided teacher step costs 2 network evaluations, a
-distilled student step 1. The stochastic sampler at N steps takes jumps of
-2/N starting on the 1/N grid, so it is served by the N/2-step student (trained
-on that finer grid, stage2.time_grid='both'): students with M steps give
-stochastic rows at N = 2M. (N = 1 stochastic would equal deterministic and
-never arises.)
+distilled student step 1. Which student serves which sampler at which step
+count is the run plan's (``gdistill.run_plan.PhaseSpec.serves``: the stochastic
+sampler at N steps is served by the N/2-step student).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Sequence
 
-from gdistill.config_validation import ConfigError
-from gdistill.samplers import SAMPLERS
+from gdistill.run_plan import PhaseSpec
 
 MODELS = ('teacher', 'teacher_ddim', 'student')
 FEATURE_NETS = ('auto', 'classifier', 'inception')
@@ -74,7 +71,7 @@ def _ints(xs) -> list[int]:
 
 def build_plan(*, w_values: Sequence[float], models: Sequence[str],
                teacher_steps: Sequence[int], teacher_ddim_steps: Sequence[int],
-               student_phases: Mapping[int, str], samplers: Sequence[str], expensive_nfe: int = 0,
+               students: Sequence[PhaseSpec], samplers: Sequence[str], expensive_nfe: int = 0,
                expensive_w: Sequence[float] = ()) -> list[Setting]:
   """The sweep's settings, cheapest model first and grouped by checkpoint.
 
@@ -84,8 +81,9 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
     teacher_steps: step counts of the guided-DDIM teacher reference rows.
     teacher_ddim_steps: few-step counts of the teacher baseline (a count also in
       ``teacher_steps`` is run once, as ``teacher``).
-    student_phases: checkpoint phase of each student, by its step count M.
-    samplers: samplers of the student rows (``ddim``: N = M; ``stochastic``: N = 2M).
+    students: the stage-2 phases to evaluate; each gives a row for every sampler
+      of ``samplers`` it serves (``PhaseSpec.serves``).
+    samplers: samplers of the student rows.
     expensive_nfe: rows with NFE above this run only at ``expensive_w``; 0 means no limit.
     expensive_w: the guidance weights of the expensive rows.
   """
@@ -99,11 +97,10 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
     out.extend(dataclasses.replace(s0, w=w) for w in ws)
 
   if 'student' in models:
-    for m in sorted(student_phases):
-      if 'ddim' in samplers:
-        add('student', m, 'ddim', student_phases[m])
-      if 'stochastic' in samplers:
-        add('student', 2 * m, 'stochastic', student_phases[m])
+    for spec in sorted(students, key=lambda p: p.student_steps):
+      for sampler, steps in spec.serves:
+        if sampler in samplers:
+          add('student', steps, sampler, spec.name)
   reference = sorted(set(_ints(teacher_steps))) if 'teacher' in models else []
   if 'teacher_ddim' in models:
     for n in sorted(set(_ints(teacher_ddim_steps)) - set(reference)):
@@ -113,17 +110,17 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
   return out
 
 
-def plan_from_config(eval_config, student_phases: Mapping[int, str]) -> list[Setting]:
+def plan_from_config(eval_config, students: Sequence[PhaseSpec]) -> list[Setting]:
   """``build_plan`` with the eval section's keys.
 
-  ``student_phases``: the finished students (step count -> phase); the config's
-  ``student_steps`` (empty: all) selects among them.
+  ``students``: the finished stage-2 phases; the config's ``student_steps`` (empty:
+  all) selects among them.
   """
   e = eval_config
   wanted = set(_ints(e.student_steps))
-  chosen = {m: p for m, p in student_phases.items() if not wanted or m in wanted}
+  chosen = [p for p in students if not wanted or p.student_steps in wanted]
   return build_plan(w_values=e.w_values, models=e.models, teacher_steps=e.teacher_steps,
-                    teacher_ddim_steps=e.teacher_ddim_steps, student_phases=chosen,
+                    teacher_ddim_steps=e.teacher_ddim_steps, students=chosen,
                     samplers=e.samplers, expensive_nfe=e.expensive_nfe,
                     expensive_w=e.expensive_w)
 
@@ -135,64 +132,3 @@ def feature_net_kind(feature_net: str, dataset: str) -> str:
     return feature_net
   return 'classifier' if dataset.split('/')[0].split(':')[0] in CLASSIFIER_DATASETS \
       else 'inception'
-
-
-def _err(key, value, expected):
-  raise ConfigError(f'eval.{key}={value!r}: expected {expected}')
-
-
-def _positive_ints(key, values, *, allow_empty: bool):
-  values = tuple(values)
-  if not values and not allow_empty:
-    _err(key, values, 'a non-empty tuple of positive integers')
-  for v in values:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-      _err(key, values, 'a tuple of positive integers')
-
-
-def check_eval_config(config, *, num_devices: Optional[int] = None) -> None:
-  """Raises ConfigError naming the first ``eval.*`` value that cannot work."""
-  e = config.eval
-  for key in ('num_samples', 'batch_size', 'classifier_steps', 'classifier_batch_size',
-              'precision_recall_k', 'grid_per_class'):
-    v = e[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-      _err(key, v, 'a positive integer')
-  if not e.classifier_learning_rate > 0:
-    _err('classifier_learning_rate', e.classifier_learning_rate, 'a positive number')
-  for key in ('seed', 'expensive_nfe', 'reference_examples'):
-    if not isinstance(e[key], int) or e[key] < 0:
-      _err(key, e[key], 'an integer >= 0')
-  if e.num_samples < max(IS_SPLITS, e.precision_recall_k + 1):
-    _err('num_samples', e.num_samples,
-         f'at least {max(IS_SPLITS, e.precision_recall_k + 1)} (Inception Score uses '
-         f'{IS_SPLITS} splits; precision/recall needs more than eval.precision_recall_k)')
-  if num_devices and e.batch_size % num_devices:
-    _err('batch_size', e.batch_size, f'a multiple of the number of devices ({num_devices})')
-  for key in ('w_values', 'expensive_w'):
-    ws = tuple(e[key])
-    if (key == 'w_values' and not ws) or any(
-        not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in ws):
-      _err(key, ws, 'a non-empty tuple of guidance weights >= 0' if key == 'w_values'
-           else 'a tuple of guidance weights >= 0')
-  models = tuple(e.models)
-  if not models or any(m not in MODELS for m in models):
-    _err('models', models, f'a non-empty subset of {MODELS}')
-  samplers = tuple(e.samplers)
-  if 'student' in models and (not samplers or any(s not in SAMPLERS for s in samplers)):
-    _err('samplers', samplers, f'a non-empty subset of {SAMPLERS}')
-  _positive_ints('teacher_steps', e.teacher_steps, allow_empty='teacher' not in models)
-  _positive_ints('teacher_ddim_steps', e.teacher_ddim_steps,
-                 allow_empty='teacher_ddim' not in models)
-  _positive_ints('student_steps', e.student_steps, allow_empty=True)
-  if e.feature_net not in FEATURE_NETS:
-    _err('feature_net', e.feature_net, f'one of {FEATURE_NETS}')
-  if feature_net_kind(e.feature_net, config.data.name) == 'inception' and not e.inception_weights:
-    _err('inception_weights', e.inception_weights,
-         f'the path of the FID Inception-v3 weights (.pth or .npz; see '
-         f'gdistill/eval/inception.py): eval.feature_net={e.feature_net!r} uses Inception '
-         f'for data.name={config.data.name!r}; or leave \'eval\' out of --config.stages')
-  if not isinstance(e.reference_split, str) or not e.reference_split:
-    _err('reference_split', e.reference_split, 'a split name such as train')
-  if not isinstance(e.floor_split, str):
-    _err('floor_split', e.floor_split, 'a split name such as test, or "" for data.eval_split')

@@ -1,8 +1,8 @@
 """The evaluation sweep: sample every setting of the plan, score it, write the report.
 
 Stage ``eval`` of the driver and ``python -m gdistill.evaluate`` both call
-``run_sweep(run)`` with a ``gdistill.train.Run`` (its config, workdir, mesh,
-networks and compiled samplers). Sampling is the cost, so:
+``run_sweep(config, store)`` with the run's ``gdistill.model_store.ModelStore``
+(its workdir, mesh, finished models and compiled samplers). Sampling is the cost, so:
   * one compiled sampler per (mode, sampler) serves every row (the step count and
     w are traced arguments; params of equal shapes reuse the executable);
   * samples come in fixed-size batches (the last one padded), sharded over the mesh;
@@ -21,20 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import checkpoint, sharding
+from gdistill import checkpoint, config_validation, run_plan, sharding
+from gdistill.compiled_samplers import to_host
 from gdistill.data import open_source
 from gdistill.eval import features, metrics, plan, plots, report
 from gdistill.grids import save_grid
 from gdistill.metric_writer import log
 
 EVAL_DIR = 'eval'
-
-
-def _to_host(x) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def batch_inputs(b: int, *, batch_size: int, num_classes: int, image_shape, seed: int):
@@ -67,7 +61,7 @@ def generate(sample_fn, params, *, w: float, num_steps: int, num_samples: int, b
     x = sample_fn(params, label, jnp.float32(w), z_1, jnp.int32(num_steps), rng)
     x.block_until_ready()
     seconds += time.perf_counter() - t0
-    out.append(_to_host(x))
+    out.append(to_host(x))
     if name and time.perf_counter() - last_log > 30 and b + 1 < num_batches:
       last_log = time.perf_counter()
       log(f'eval:   {name}: batch {b + 1}/{num_batches} '
@@ -114,17 +108,9 @@ def save_class_grid(images, path: str, *, num_classes: int, per_class: int,
   save_grid(np.stack([images[c::num_classes][:cols] for c in range(rows)]), path)
 
 
-def _teacher_dir(config, workdir: str) -> str:
-  if config.teacher_checkpoint:  # as the driver resolves it: a workdir or its phase dir
-    path = os.path.abspath(config.teacher_checkpoint)
-    nested = checkpoint.phase_dir(path, 'teacher')
-    return nested if os.path.isdir(nested) else path
-  return checkpoint.phase_dir(workdir, 'teacher')
-
-
-def _source(config, split: str, run):
-  if split == config.data.split:
-    return run.source
+def _source(config, split: str, train_source):
+  if split == config.data.split and train_source is not None:
+    return train_source
   return open_source(config.data.name, split=split, data_dir=config.data.data_dir or None,
                      download=config.data.download)
 
@@ -132,20 +118,14 @@ def _source(config, split: str, run):
 class _Params:
   """Loads each phase's sampling params once, keeping only the latest in memory."""
 
-  def __init__(self, run, teacher_dir: str):
-    self.run, self.teacher_dir = run, teacher_dir
+  def __init__(self, store):
+    self.store = store
     self._phase, self._params = None, None
-
-  def directory(self, phase: str) -> str:
-    if phase == 'teacher':
-      return self.teacher_dir
-    return checkpoint.phase_dir(self.run.workdir, phase)
 
   def get(self, phase: str):
     if phase != self._phase:
       self._params = None
-      net = self.run.teacher_net if phase == 'teacher' else self.run.student_net
-      self._params = self.run.load_final(self.directory(phase), net, what=phase)
+      self._params = self.store.load(phase).params
       self._phase = phase
     return self._params
 
@@ -154,50 +134,47 @@ def _eta(seconds: float) -> str:
   return f'{int(seconds // 60)}m{int(seconds % 60):02d}s'
 
 
-def run_sweep(run) -> dict:
-  """Evaluates every setting of ``run.config.eval`` on the finished checkpoints.
+def run_sweep(config, store, *, train_source=None) -> dict:
+  """Evaluates every setting of ``config.eval`` on the finished checkpoints of ``store``.
 
   Writes DIR/eval/report.json, report.md, the plots and a sample grid per row.
+  ``train_source``: the training split's data source, if already open.
 
   Returns:
     The report dict ({'protocol', 'floor', 'claims', 'rows'}).
   """
-  from gdistill.train import halvings, stage2_phase_name  # pylint: disable=g-import-not-at-top
-  config, workdir = run.config, run.workdir
+  workdir = store.path
   e = config.eval
-  plan.check_eval_config(config, num_devices=run.mesh.size)
+  config_validation.validate_eval(config, num_devices=store.mesh.size)
   eval_dir = os.path.join(workdir, EVAL_DIR)
   t_start = time.perf_counter()
   is_main = jax.process_index() == 0
 
   # ---- which checkpoints exist ---------------------------------------------------------
-  teacher_dir = _teacher_dir(config, workdir)
-  students, missing = {}, []
-  for m in halvings(config):
-    name = stage2_phase_name(m)
-    if checkpoint.latest_complete(checkpoint.phase_dir(workdir, name)) is None:
-      missing.append(name)
-    else:
-      students[m] = name
+  students, missing = [], []
+  for spec in store.plan.of_kind(run_plan.STAGE2):
+    (students if store.step(spec.name) is not None else missing).append(spec)
+  missing = [p.name for p in missing]
   if missing:
     log(f'eval: no finished checkpoint for {", ".join(missing)}: those students are skipped')
   settings = plan.plan_from_config(e, students)
-  params = _Params(run, teacher_dir)
+  params = _Params(store)
   ckpt = {}
   for phase in sorted({s.phase for s in settings}):
-    step = checkpoint.latest_complete(params.directory(phase))
+    step = store.step(phase)
     if step is None:
-      raise checkpoint.CheckpointError(f'checkpoint {params.directory(phase)}: nothing to '
+      raise checkpoint.CheckpointError(f'checkpoint {store.directory(phase)}: nothing to '
                                        f'evaluate there (eval.models={tuple(e.models)})')
-    meta = checkpoint.read_meta(params.directory(phase), step)
+    meta = checkpoint.read_meta(store.directory(phase), step)
     ckpt[phase] = {'step': int(step), 'weights': 'ema' if meta.get('has_ema') else 'raw'}
 
   # ---- feature network and real-data statistics -------------------------------------------
   kind = plan.feature_net_kind(e.feature_net, config.data.name)
-  ref_source = _source(config, e.reference_split, run)
+  train_source = _source(config, config.data.split, train_source)
+  ref_source = _source(config, e.reference_split, train_source)
   net = features.make_feature_net(
-      kind=kind, eval_dir=eval_dir, train_source=run.source,
-      test_source=_source(config, config.data.eval_split, run),
+      kind=kind, eval_dir=eval_dir, train_source=train_source,
+      test_source=_source(config, config.data.eval_split, train_source),
       classifier_path=e.classifier_path, classifier_steps=e.classifier_steps,
       classifier_batch_size=e.classifier_batch_size,
       classifier_learning_rate=e.classifier_learning_rate, inception_weights=e.inception_weights,
@@ -206,7 +183,7 @@ def run_sweep(run) -> dict:
   floor_split = e.floor_split or config.data.eval_split
   for role, split, cap in (('reference', e.reference_split, e.reference_examples),
                            ('floor', floor_split, 0)):
-    source = ref_source if role == 'reference' else _source(config, split, run)
+    source = ref_source if role == 'reference' else _source(config, split, train_source)
     stats[role] = features.split_statistics(
         net, source, cache_path=os.path.join(eval_dir, f'stats_{net.kind}_{split}.npz'),
         subset_size=e.num_samples, max_examples=cap, seed=e.seed)
@@ -218,9 +195,9 @@ def run_sweep(run) -> dict:
       f'{time.perf_counter() - t_start:.0f}s)')
 
   protocol = report.make_protocol(
-      config=config, num_classes=run.num_classes, image_shape=run.image_shape,
+      config=config, num_classes=store.num_classes, image_shape=store.image_shape,
       feature_net=net.info, reference_examples=stats['reference']['n'], checkpoints=ckpt,
-      missing=missing, num_devices=run.mesh.size)
+      missing=missing, num_devices=store.mesh.size)
   fingerprint = report.fingerprint(protocol, net.fingerprint)
   protocol['fingerprint'] = fingerprint
   previous = report.reusable_rows(os.path.join(eval_dir, report.JSON_NAME), fingerprint)
@@ -233,12 +210,12 @@ def run_sweep(run) -> dict:
       f'{len(todo)} to sample ({e.num_samples} samples each, batches of {e.batch_size}); '
       f'{sum(s.nfe for s in todo) * e.num_samples:,} network evaluations')
   warm, done_evals, done_seconds = set(), 0, 0.0
-  batch_sharding = sharding.batch_sharding(run.mesh)
+  batch_sharding = sharding.batch_sharding(store.mesh)
   gen_kw = dict(num_samples=e.num_samples, batch_size=e.batch_size,
-                num_classes=run.num_classes, image_shape=run.image_shape, seed=e.seed,
+                num_classes=store.num_classes, image_shape=store.image_shape, seed=e.seed,
                 batch_sharding=batch_sharding)
   for i, s in enumerate(todo):
-    fn = run.sample_fn(s.mode, s.sampler)
+    fn = store.sampler(s.mode, s.sampler)
     p = params.get(s.phase)
     if (s.mode, s.sampler) not in warm:  # compile outside the timed batches
       t0 = time.perf_counter()
@@ -256,7 +233,7 @@ def run_sweep(run) -> dict:
     kept[s.key] = row
     if is_main:
       save_class_grid(images, os.path.join(eval_dir, 'samples', f'{s.slug}.png'),
-                      num_classes=run.num_classes, per_class=e.grid_per_class,
+                      num_classes=store.num_classes, per_class=e.grid_per_class,
                       max_classes=config.samples.max_classes)
       report.write(eval_dir, protocol=protocol, floor=floor, rows=list(kept.values()))
     done_evals += s.nfe * sampled

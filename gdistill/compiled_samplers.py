@@ -1,20 +1,23 @@
 """Compiled samplers for networks: the bridge from parameters to images.
 
-One jitted function per (network, sampler kind); the step count, labels, w and
-noise are arguments, so a sweep over step counts and w reuses one compilation.
+``gdistill.samplers`` holds the samplers' maths over a ``denoise_fn``; this module
+binds them to a network's ``apply_fn`` and compiles them. One jitted function per
+(network, sampler kind); the step count, labels, w and noise are arguments, so a
+sweep over step counts and w reuses one compilation. Batches larger than one call
+go through ``run_batched``.
 """
 
 from __future__ import annotations
 
-import functools
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gdistill import guidance, samplers, xla_options
+from gdistill import guidance, samplers, sharding as sharding_lib, xla_options
 
 
 def make_sample_fn(*, apply_fn, mean_type: str, num_classes: int, mode: str, sampler: str):
@@ -97,3 +100,33 @@ def class_grid(sample_fn, params, *, num_classes: int, per_class: int, image_sha
   if not x.is_fully_addressable:  # rows on other processes' devices: gather them here
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x)).reshape(num_classes, per_class, *image_shape)
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) array as numpy on every process."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def run_batched(fn: Callable, arrays: Sequence[np.ndarray], *, batch_size: int,
+                mesh) -> np.ndarray:
+  """``fn(chunk_index, *chunks)`` over the leading axis; results concatenated.
+
+  Every chunk is padded to one size (a multiple of the mesh's devices), so a
+  jitted ``fn`` compiles once; chunks are split over the data axis.
+  """
+  n = int(arrays[0].shape[0])
+  devices = mesh.size
+  size = max(devices, -(-min(batch_size, n) // devices) * devices)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  out = []
+  for k, start in enumerate(range(0, n, size)):
+    chunk = [np.asarray(a[start:start + size]) for a in arrays]
+    m = chunk[0].shape[0]
+    if m < size:  # pad with copies of the last row; cut off below
+      chunk = [np.concatenate([c, np.repeat(c[-1:], size - m, axis=0)]) for c in chunk]
+    # The same host values on every process: device_put assembles the global array.
+    chunk = [jax.device_put(c, batch_sh) for c in chunk]
+    out.append(to_host(fn(k, *chunk))[:m])
+  return np.concatenate(out)

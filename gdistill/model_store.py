@@ -1,0 +1,241 @@
+"""The model store of a workdir: "the sampling parameters and network of phase X".
+
+One place loads a finished phase's model, with the checks of its checkpoint meta
+(architecture, image shape, classes, parameterisation, whether it takes w), for the
+driver, the evaluation sweep, the sample and translate commands and the notebook.
+Which phases exist, and what each is, comes from ``gdistill.run_plan``.
+
+The driver builds a store over its own mesh and sharding strategy
+(``ModelStore(...)``); the commands open one over a finished workdir
+(``ModelStore.open(workdir)``), which reads the run's ``config.json`` and the image
+shape and classes from the checkpoints' meta. Missing or unfinished models are
+one-line ``CheckpointError``s that say what the workdir does hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Optional
+
+import jax
+import ml_collections
+
+from gdistill import checkpoint, compiled_samplers, run_plan, sharding, xla_options
+from gdistill.checkpoint import CheckpointError
+from gdistill.metric_writer import log
+from gdistill.networks import init_params, make_net, model_kwargs, param_count
+from gdistill.workdir import CONFIG_FILE, WorkdirError
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was created with, over the defaults of sections added since."""
+  from gdistill.eval.workdir_config import get_config  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    raise WorkdirError(f'--workdir={workdir}: no {CONFIG_FILE} there (expected the workdir of a '
+                       f'gdistill run, e.g. runs/fashion_mnist)')
+  return get_config(workdir)
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+  """Human-readable label names where gdistill knows them, else the numbers."""
+  if dataset in ('fashion_mnist', 'fashion_mnist_local'):
+    from gdistill.data import fashion_mnist_local  # pylint: disable=g-import-not-at-top
+    names = list(fashion_mnist_local.CLASS_NAMES)
+    if len(names) == num_classes:
+      return names
+  return [str(i) for i in range(num_classes)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One loaded phase: ``apply_fn`` and sampling ``params``.
+
+  ``mode``: ``guided`` (the teacher, 2 network evaluations per step) or ``student``
+  (a w-conditioned network, 1 per step).
+  """
+  phase: str
+  apply_fn: Callable
+  params: object
+  meta: dict
+  mode: str
+
+
+class ModelStore:
+  """The trained phases of one workdir, the networks that run them and their samplers."""
+
+  def __init__(self, workdir: str, config, *, mesh, image_shape, num_classes: int,
+               dataset: Optional[str] = None, strategy: str = 'replicated',
+               compile_options: Optional[dict] = None):
+    self.path = os.path.abspath(workdir)
+    self.config = config
+    self.mesh = mesh
+    self.image_shape = tuple(int(s) for s in image_shape)
+    self.num_classes = int(num_classes)
+    self.dataset = dataset or config.data.name
+    self.strategy = strategy
+    self.compile_options = (compile_options if compile_options is not None else
+                            xla_options.compile_options(config, mesh.devices.flat[0].platform))
+    self.plan = run_plan.from_config(config)
+    self._samplers = {}
+
+  @classmethod
+  def open(cls, workdir: str, config=None) -> 'ModelStore':
+    """The store of a finished (or partly finished) workdir, sampling on every device."""
+    path = os.path.abspath(workdir)
+    if not os.path.isdir(path):
+      raise WorkdirError(f'--workdir={workdir}: no such directory')
+    config = config if config is not None else load_config(path)
+    mesh = sharding.make_mesh({sharding.DATA_AXIS: -1})
+    # Image shape and classes: from the meta of any finished phase.
+    probe = cls(path, config, mesh=mesh, image_shape=(1, 1, 1), num_classes=1)
+    found = probe.finished()
+    if not found:
+      raise CheckpointError(f'workdir {path}: no checkpoints (train first: python -m '
+                            f'gdistill.main --config=... --workdir={workdir})')
+    meta = probe.meta(next(iter(found)))
+    return cls(path, config, mesh=mesh, image_shape=meta['image_shape'],
+               num_classes=meta['num_classes'], dataset=meta.get('dataset'),
+               compile_options=probe.compile_options)
+
+  # ---- which phases exist --------------------------------------------------------
+
+  def directory(self, phase: str) -> str:
+    """A phase's checkpoint directory; the teacher's is ``config.teacher_checkpoint``
+    (a workdir or its checkpoints/teacher directory) where one is given."""
+    external = self.config.get('teacher_checkpoint', '')
+    if phase == run_plan.TEACHER and external:
+      path = os.path.abspath(external)
+      nested = checkpoint.phase_dir(path, run_plan.TEACHER)
+      return nested if os.path.isdir(nested) else path
+    return checkpoint.phase_dir(self.path, phase)
+
+  def step(self, phase: str) -> Optional[int]:
+    """The latest saved step of a phase, or None."""
+    return checkpoint.latest_complete(self.directory(phase))
+
+  def finished(self) -> dict[str, int]:
+    """Phase name -> latest saved step, for every phase with a checkpoint, in plan order."""
+    root = os.path.join(self.path, checkpoint.CHECKPOINT_DIR)
+    listed = os.listdir(root) if os.path.isdir(root) else []
+    names = self.plan.names + [n for n in run_plan.from_names(listed).names
+                               if n not in self.plan]
+    steps = {n: self.step(n) for n in names}
+    return {n: s for n, s in steps.items() if s is not None}
+
+  @property
+  def found(self) -> run_plan.RunPlan:
+    """The plan of the phases this workdir holds."""
+    return run_plan.from_names(self.finished())
+
+  def student_steps(self) -> list[int]:
+    """Step counts of the distilled (stage-2) students held here, smallest first."""
+    return sorted(self.found.student_steps)
+
+  def encoder_steps(self) -> list[int]:
+    """Step counts of the distilled encoders held here, smallest first."""
+    return sorted(self.found.encoder_steps)
+
+  def describe(self) -> str:
+    """What the workdir holds, for error messages."""
+    have = self.finished()
+    parts = [p for p in (run_plan.TEACHER, run_plan.STAGE1) if p in have]
+    for what, counts in (('students', self.student_steps()), ('encoders', self.encoder_steps())):
+      if counts:
+        parts.append(f'{what} for {", ".join(map(str, counts))} steps')
+    return '; '.join(parts) or 'nothing usable'
+
+  def meta(self, phase: str) -> dict:
+    return checkpoint.read_meta(self.directory(phase))
+
+  def student_phase(self, sampler: str, steps: int) -> Optional[str]:
+    """The distilled student held here that serves ``sampler`` at ``steps``, or None."""
+    spec = self.found.student_for(sampler, steps)
+    return spec.name if spec is not None else None
+
+  def stochastic_steps(self) -> list[int]:
+    """Step counts at which a distilled student held here serves the stochastic sampler."""
+    return sorted(self.found.stochastic_steps())
+
+  def encoder_phase(self, steps: int) -> Optional[str]:
+    """The distilled encoder of ``steps`` steps held here, or None."""
+    spec = self.found.encoder_for(steps)
+    return spec.name if spec is not None else None
+
+  # ---- classes -------------------------------------------------------------------
+
+  @functools.cached_property
+  def class_names(self) -> list[str]:
+    return class_names(self.dataset, self.num_classes)
+
+  def parse_class(self, value: str, flag: str) -> int:
+    """A class given by label number or (case-insensitive) name; ValueError otherwise."""
+    names = self.class_names
+    text = str(value).strip()
+    if text.lstrip('-').isdigit():
+      label = int(text)
+      if 0 <= label < self.num_classes:
+        return label
+    else:
+      wanted = [i for i, n in enumerate(names) if n.lower() == text.lower()
+                or n.lower().split('/')[0] == text.lower()]
+      if len(wanted) == 1:
+        return wanted[0]
+    listing = ', '.join(f'{i} {n}' if n != str(i) else n for i, n in enumerate(names))
+    raise ValueError(f'{flag}={value}: expected a class of {self.dataset} in '
+                     f'0..{self.num_classes - 1} ({listing})')
+
+  # ---- networks, parameters and samplers -------------------------------------------
+
+  def net(self, *, use_w: bool, dropout=None):
+    """The U-Net of this run: the teacher's (``use_w=False``) or a student's."""
+    return make_net(self.config, num_classes=self.num_classes, out_ch=self.image_shape[-1],
+                    use_w=use_w, dropout=dropout)
+
+  def abstract_params(self, *, use_w: bool):
+    """Parameter shapes of the network, with the shardings of the store's strategy."""
+    net = self.net(use_w=use_w)
+    abstract = jax.eval_shape(functools.partial(init_params, net, image_shape=self.image_shape),
+                              jax.random.PRNGKey(0))
+    shard = sharding.state_shardings(abstract, self.mesh, self.strategy)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shard)
+
+  def expected_meta(self, *, use_w: bool) -> dict:
+    """The checkpoint meta entries a model of this run must have."""
+    return {'model': model_kwargs(self.config), 'image_shape': list(self.image_shape),
+            'num_classes': self.num_classes, 'mean_type': self.config.diffusion.mean_type,
+            'use_w': use_w}
+
+  def load(self, phase: str) -> Model:
+    """The sampling parameters (EMA if kept) of a finished phase, with its network."""
+    parsed = run_plan.parse_phase_name(phase)
+    if parsed is None:
+      raise CheckpointError(f'{phase!r} is not a phase name (expected teacher, stage1, '
+                            f'stage2_nNNNN or encoder_nNNNN)')
+    use_w = parsed[0] != run_plan.TEACHER
+    directory = self.directory(phase)
+    if checkpoint.latest_complete(directory) is None:
+      if phase == run_plan.TEACHER and self.config.get('teacher_checkpoint', ''):
+        raise CheckpointError(
+            f'teacher_checkpoint={self.config.teacher_checkpoint!r}: no teacher checkpoint there '
+            f'(expected a workdir or its checkpoints/teacher directory)')
+      raise CheckpointError(f'checkpoint {directory}: no checkpoint found there (workdir '
+                            f'{self.path} holds: {self.describe()})')
+    params, meta = checkpoint.load_eval_params(directory, self.abstract_params(use_w=use_w),
+                                               expect=self.expected_meta(use_w=use_w))
+    log(f'loaded {phase} from {directory} ({param_count(params) / 1e6:.2f}M parameters)')
+    return Model(phase=phase, apply_fn=self.net(use_w=use_w).apply, params=params, meta=meta,
+                 mode='student' if use_w else 'guided')
+
+  def sampler(self, mode: str, sampler: str = 'ddim') -> compiled_samplers.AotSampler:
+    """The compiled sampler of ``mode`` (``guided``/``student``) and kind, made once."""
+    key = (mode, sampler)
+    if key not in self._samplers:
+      net = self.net(use_w=mode == 'student')
+      self._samplers[key] = compiled_samplers.AotSampler(compiled_samplers.make_sample_fn(
+          apply_fn=net.apply, mean_type=self.config.diffusion.mean_type,
+          num_classes=self.num_classes, mode=mode, sampler=sampler),
+          name=f'{mode}/{sampler}', log=log, compile_options=self.compile_options)
+    return self._samplers[key]

@@ -1,0 +1,131 @@
+"""Turns a phase of the run plan into what the loop trains: ``loop.Phase``.
+
+For each kind of phase (``gdistill.run_plan``): its loss, optimiser, initial state,
+frozen inputs and checkpoint meta. Frozen inputs are what a phase reads but never
+trains: the teacher's parameters and, for halvings, the student's step count (a
+traced scalar, so all halvings share one compiled step).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from gdistill import encoder, losses, run_plan, sharding
+from gdistill.loop import Phase
+from gdistill.model_store import ModelStore
+from gdistill.networks import init_params, model_kwargs, student_from_teacher
+from gdistill.run_plan import PhaseSpec
+from gdistill.train_state import init_state, make_optimizer, make_update_fn
+
+
+def section(config, spec: PhaseSpec):
+  """The config section that trains a phase (``teacher``, ``stage1``, ``stage2``,
+  ``translate.encoder``)."""
+  return config.translate.encoder if spec.kind == run_plan.ENCODER else config[spec.kind]
+
+
+def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
+  """The JSON saved with each checkpoint of a phase: what its network is."""
+  s = section(config, spec)
+  out = {'phase': spec.name, 'model': model_kwargs(config), 'use_w': spec.use_w,
+         'mean_type': config.diffusion.mean_type, 'num_classes': store.num_classes,
+         'image_shape': list(store.image_shape), 'dataset': config.data.name,
+         'has_ema': s.ema_decay > 0, 'student_steps': spec.student_steps,
+         'w_range': [config.guidance.w_min, config.guidance.w_max]}
+  if spec.kind == run_plan.ENCODER:  # what it encodes with
+    out |= {'encoder': True, 'encode_w': float(config.translate.encode_w)}
+  return out
+
+
+def optimizer(s):
+  return make_optimizer(learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
+                        total_steps=s.num_steps, decay=s.lr_decay, grad_clip=s.grad_clip)
+
+
+class PhaseBuilder:
+  """Builds the loop's phases of one run; phases of one section and loss share one
+  update function (so the halvings of stage 2 share one compiled step)."""
+
+  def __init__(self, config, store: ModelStore):
+    self.config, self.store = config, store
+    self._updates = {}
+
+  def build(self, spec: PhaseSpec, teacher_params=None,
+            on_done: Optional[Callable] = None) -> Phase:
+    """The loop phase of ``spec``; ``teacher_params``: the sampling parameters of
+    ``spec.teacher`` (None for the teacher)."""
+    if spec.kind == run_plan.TEACHER:
+      return self._teacher(spec, on_done)
+    c, d = self.config, self.config.diffusion
+    repl = sharding.replicated(self.store.mesh)
+    frozen = {'params': teacher_params}
+    if spec.student_steps is not None:
+      frozen['num_steps'] = jax.device_put(jnp.int32(spec.student_steps), repl)
+    if spec.kind == run_plan.STAGE1:
+      loss = functools.partial(
+          losses.stage1_loss, teacher_apply=self.store.net(use_w=False).apply,
+          mean_type=d.mean_type, teacher_mean_type=d.mean_type,
+          num_classes=self.store.num_classes, w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+          weighting=d.weighting)
+    elif spec.kind == run_plan.STAGE2:
+      loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type,
+                               w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+                               grid=c.stage2.time_grid, weighting=d.weighting)
+    else:
+      # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
+      # encoder's is not.
+      frozen['clean_start'] = jax.device_put(jnp.bool_(spec.teacher == run_plan.STAGE1), repl)
+      loss = functools.partial(encoder.encoder_distill_loss, mean_type=d.mean_type,
+                               encode_w=float(c.translate.encode_w),
+                               grid=c.translate.encoder.time_grid, weighting=d.weighting)
+    return self._student(spec, loss, frozen, on_done)
+
+  def _teacher(self, spec, on_done) -> Phase:
+    c, net = self.config.teacher, self.store.net(use_w=False)
+    opt = optimizer(c)
+    loss = functools.partial(losses.teacher_loss, apply_fn=net.apply,
+                             mean_type=self.config.diffusion.mean_type,
+                             num_classes=self.store.num_classes, p_uncond=c.p_uncond,
+                             weighting=self.config.diffusion.weighting)
+    seed, image_shape = self.config.seed, self.store.image_shape
+
+    def init_fn(frozen):
+      del frozen
+      return init_state(init_params(net, jax.random.PRNGKey(seed), image_shape), opt,
+                        ema=c.ema_decay > 0)
+
+    return Phase(name=spec.name, num_steps=c.num_steps, batch_size=c.batch_size,
+                 init_fn=init_fn, update_fn=make_update_fn(loss, opt, ema_decay=c.ema_decay),
+                 frozen={}, meta=meta(self.config, self.store, spec),
+                 checkpoint_every=c.checkpoint_every, on_done=on_done)
+
+  def _student(self, spec, loss, frozen, on_done) -> Phase:
+    """A w-conditioned student initialised from ``frozen['params']``: stage 1 from the
+    teacher's weights (plus a zero-initialised w branch), a halving as an exact copy
+    of its teacher."""
+    s = section(self.config, spec)
+    train_net = self.store.net(use_w=True, dropout=s.dropout)
+    opt = optimizer(s)
+    key = (id(s), loss.func)
+    if key not in self._updates:
+      self._updates[key] = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
+                                          ema_decay=s.ema_decay)
+    seed, image_shape = self.config.seed, self.store.image_shape
+    from_teacher_net = spec.kind == run_plan.STAGE1
+
+    def init_fn(frozen):
+      if from_teacher_net:
+        params = student_from_teacher(
+            init_params(train_net, jax.random.PRNGKey(seed + 1), image_shape), frozen['params'])
+      else:
+        params = jax.tree.map(jnp.copy, frozen['params'])
+      return init_state(params, opt, ema=s.ema_decay > 0)
+
+    return Phase(name=spec.name, num_steps=s.num_steps, batch_size=s.batch_size,
+                 init_fn=init_fn, update_fn=self._updates[key], frozen=frozen,
+                 meta=meta(self.config, self.store, spec),
+                 checkpoint_every=s.checkpoint_every, on_done=on_done)
