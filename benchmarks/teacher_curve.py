@@ -101,9 +101,9 @@ def _previous_rows(path: str, protocol: dict) -> dict:
 def run(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from gdistill import checkpoint, networks, sharding, teacher_file, xla_options  # pylint: disable=g-import-not-at-top
+  from gdistill import checkpoint, model_store, sharding, teacher_file  # pylint: disable=g-import-not-at-top
   from gdistill.data import open_source  # pylint: disable=g-import-not-at-top
-  from gdistill.eval import features, plan, quick_fid, workdir_config  # pylint: disable=g-import-not-at-top
+  from gdistill.eval import quick_fid, sweep, workdir_config  # pylint: disable=g-import-not-at-top
   from gdistill.metric_writer import log  # pylint: disable=g-import-not-at-top
   from gdistill.workdir import CONFIG_FILE  # pylint: disable=g-import-not-at-top
 
@@ -128,50 +128,30 @@ def run(args) -> dict:
   if args.batch_size % mesh.size:
     cli_setup.fail(f'--batch_size={args.batch_size}: expected a multiple of the {mesh.size} '
                    f'devices')
-  abstract = teacher_file.abstract_params_for(config, use_w=use_w, num_classes=num_classes,
-                                              image_shape=image_shape)
-  shard = sharding.state_shardings(abstract, mesh, config.sharding)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shard)
-  expect = teacher_file.expected(config, use_w=use_w, num_classes=num_classes,
-                                 image_shape=image_shape)
+  store = model_store.ModelStore(workdir, config, mesh=mesh, image_shape=image_shape,
+                                 num_classes=num_classes, strategy=config.sharding)
+  abstract = store.abstract_params(use_w=use_w)
+  expect = store.expected_meta(use_w=use_w)
 
   # The sweep's feature network and real-data statistics (same files, same cache).
-  eval_dir = os.path.join(workdir, 'eval')
-  open_split = lambda split: open_source(config.data.name, split=split,
-                                         data_dir=config.data.data_dir or None,
-                                         download=config.data.download)
-  train_source = open_split(config.data.split)
-  kind = plan.feature_net_kind(e.feature_net, config.data.name)
-  net = features.make_feature_net(
-      kind=kind, eval_dir=eval_dir, train_source=train_source,
-      test_source=open_split(config.data.eval_split),
-      classifier_path=args.classifier_path or e.classifier_path,
-      classifier_steps=e.classifier_steps, classifier_batch_size=e.classifier_batch_size,
-      classifier_learning_rate=e.classifier_learning_rate,
-      inception_weights=e.inception_weights, seed=e.seed)
-  stats = {}
+  with config.unlocked():
+    if args.classifier_path:
+      e.classifier_path = args.classifier_path
+    e.num_samples = max(e.num_samples, args.num_samples)
+  train_source = open_source(config.data.name, split=config.data.split,
+                             data_dir=config.data.data_dir or None, download=config.data.download)
+  net, stats = sweep.feature_net_and_stats(config, os.path.join(workdir, sweep.EVAL_DIR),
+                                           train_source)
   floor_split = e.floor_split or config.data.eval_split
-  for role, split, cap in (('reference', e.reference_split, e.reference_examples),
-                           ('floor', floor_split, 0)):
-    source = train_source if split == config.data.split else open_split(split)
-    stats[role] = features.split_statistics(
-        net, source, cache_path=os.path.join(eval_dir, f'stats_{net.kind}_{split}.npz'),
-        subset_size=max(e.num_samples, args.num_samples), max_examples=cap, seed=e.seed)
   floor = dict(quick_fid.floor_metrics(stats['floor'], stats['reference'],
                                        num_samples=args.num_samples, k=e.precision_recall_k),
                split=floor_split)
-
-  unet = networks.make_net(config, num_classes=num_classes, out_ch=image_shape[-1], use_w=use_w)
-  sampler = quick_fid.make_sampler(
-      unet, mean_type=config.diffusion.mean_type,
-      num_classes=num_classes, mode=mode, sampler=args.sampler,
-      compile_options=xla_options.compile_options(config, mesh.devices.flat[0].platform))
   quick = quick_fid.QuickFid(
-      feature_net=net, reference=stats['reference'], sample_fn=sampler, image_shape=image_shape,
-      num_classes=num_classes, num_samples=args.num_samples, batch_size=args.batch_size,
-      num_steps=num_steps, w_values=args.w_values, seed=args.seed,
+      feature_net=net, reference=stats['reference'], sample_fn=store.sampler(mode, args.sampler),
+      image_shape=image_shape, num_classes=num_classes, num_samples=args.num_samples,
+      batch_size=args.batch_size, num_steps=num_steps, w_values=args.w_values, seed=args.seed,
       batch_sharding=sharding.batch_sharding(mesh), mode=mode, k=e.precision_recall_k)
+  eval_dir = os.path.join(workdir, sweep.EVAL_DIR)
 
   prefix = args.output or os.path.join(eval_dir, f'curve_{args.phase}')
   protocol = dict(quick.protocol(), phase=args.phase, directory=directory, sampler=args.sampler,

@@ -66,6 +66,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
 
+  # Quality while training: a quick FID (IS, precision, recall) of each phase that samples,
+  # with the evaluation's feature network (eval.feature_net; gdistill's classifier is
+  # trained first if absent), written to TensorBoard (PHASE/quick_fid_w0, ...) and the log.
+  # Each phase samples as it is used: the teacher with guided DDIM at `steps` (2 network
+  # evaluations a step), stage 1 at `steps` (1 a step), an N-step student at N steps.
+  # `teacher_every` / `student_every`: every that many steps, 0 for the end of the phase
+  # only. Same labels and noise at every point, so the curve is the network's.
+  c.track = ml_collections.ConfigDict(dict(
+      enabled=False, num_samples=512, batch_size=128, steps=32, w_values=(0.0, 1.0),
+      teacher_every=0, student_every=0))
+
   # Image-to-image translation (METHOD.md section 6): encode an image of class A with
   # reverse DDIM under A (at w = encode_w), decode under class B (at w). The encoder is
   # distilled like stage 2: the stage-1 model is the encoder_start_steps-step teacher,

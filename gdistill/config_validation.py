@@ -84,6 +84,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
 
   if 'translate' in stages:
     _validate_translate(config, num_devices=num_devices, num_processes=num_processes)
+  if config.track.enabled:
+    _validate_track(config, num_devices=num_devices)
   if 'eval' in stages:
     # Here, not when the sweep starts: a bad eval key must not wait for training to end.
     validate_eval(config, num_devices=num_devices)
@@ -113,6 +115,31 @@ def _validate_optimisation(key, p, *, num_devices, num_processes) -> None:
   if p.batch_size % divisor or p.batch_size % num_processes:
     _err(f'{key}.batch_size', p.batch_size,
          f'a multiple of the number of devices ({divisor}) and processes ({num_processes})')
+
+
+def _validate_track(config, *, num_devices) -> None:
+  """The track section (quick FID while training) and the feature network it needs."""
+  t = config.track
+  for k in ('num_samples', 'batch_size', 'steps'):
+    _positive_int(f'track.{k}', t[k])
+  for k in ('teacher_every', 'student_every'):
+    if not isinstance(t[k], int) or isinstance(t[k], bool) or t[k] < 0:
+      _err(f'track.{k}', t[k], 'an integer >= 0 (0: at the end of the phase only)')
+  if t.num_samples < 2 * (config.eval.precision_recall_k + 1):
+    _err('track.num_samples', t.num_samples,
+         f'at least {2 * (config.eval.precision_recall_k + 1)} (FID needs a covariance)')
+  ws = tuple(t.w_values)
+  if not ws or any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in ws):
+    _err('track.w_values', ws, 'a non-empty tuple of guidance weights >= 0')
+  if num_devices and t.batch_size % num_devices:
+    _err('track.batch_size', t.batch_size,
+         f'a multiple of the number of devices ({num_devices})')
+  e = config.eval
+  if plan.feature_net_kind(e.feature_net, config.data.name) == 'inception' and \
+      not e.inception_weights:
+    _err('eval.inception_weights', e.inception_weights,
+         'the path of the FID Inception-v3 weights: track.enabled=True scores samples with '
+         f'Inception for data.name={config.data.name!r}; or set track.enabled=False')
 
 
 def _validate_translate(config, *, num_devices, num_processes) -> None:

@@ -40,6 +40,9 @@ class Phase:
       but never trains (its teacher's parameters, the student's step count; may be empty).
     meta: JSON saved with each checkpoint (what the network is).
     on_done: called with the final state once the phase has finished.
+    track: ``track(state) -> {name: value}``, quality scores of the state's sampling
+      parameters (``gdistill.eval.quick_fid``), logged every ``track_every`` steps
+      (0: never during the phase) and at its end.
   """
   name: str
   num_steps: int
@@ -50,6 +53,8 @@ class Phase:
   meta: dict
   checkpoint_every: int
   on_done: Optional[Callable[[TrainState], None]] = None
+  track: Optional[Callable[[TrainState], dict]] = None
+  track_every: int = 0
 
 
 @dataclasses.dataclass
@@ -121,6 +126,18 @@ def compile_step(phase: Phase, ctx: LoopContext, state: TrainState, batch, rng):
   return compiled
 
 
+def track(phase: Phase, ctx: LoopContext, step: int, state: TrainState) -> float:
+  """Scores the state's sampling parameters; to TensorBoard (PHASE/quick_NAME) and the
+  log. Returns the seconds it took."""
+  t0 = time.perf_counter()
+  scores = phase.track(state)
+  ctx.writer.scalars(step, {f'{phase.name}/quick_{k}': v for k, v in scores.items()})
+  shown = '  '.join(f'{k}={v:.4g}' for k, v in scores.items() if not k.endswith('seconds'))
+  seconds = time.perf_counter() - t0
+  log(f'{phase.name} {step}: {shown}  ({seconds:.0f}s)')
+  return seconds
+
+
 def run_phase(phase: Phase, ctx: LoopContext) -> TrainState:
   """Runs (or resumes, or just loads) a phase to ``num_steps``; returns its final state."""
   mgr = checkpoint.manager(checkpoint.phase_dir(ctx.workdir, phase.name),
@@ -165,6 +182,9 @@ def run_phase(phase: Phase, ctx: LoopContext) -> TrainState:
       window, window_start = [], step
     if step % phase.checkpoint_every == 0 or step == phase.num_steps:
       checkpoint.save(mgr, step, state, phase.meta)
+    if phase.track is not None and (step == phase.num_steps or (
+        phase.track_every and step % phase.track_every == 0)):
+      progress.exclude(track(phase, ctx, step, state))
   mgr.wait_until_finished()
   mgr.close()
   if phase.on_done is not None:

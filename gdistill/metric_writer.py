@@ -43,6 +43,11 @@ class Progress:
     """Called after the first (compiling) step, so compile time is not in the rate."""
     self._t0, self._s0 = time.perf_counter(), step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` of other work (in-training evaluation) out of the rate."""
+    if self._t0 is not None:
+      self._t0 += seconds
+
   def line(self, step: int, metrics: Mapping[str, float]) -> str:
     parts = [f'{self.name} {step}/{self.total}']
     parts += [f'{k}={v:.4g}' for k, v in metrics.items()]

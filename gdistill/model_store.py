@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import jax
 import ml_collections
 
-from gdistill import checkpoint, compiled_samplers, run_plan, sharding, xla_options
+from gdistill import checkpoint, compiled_samplers, run_plan, sharding, teacher_file, xla_options
 from gdistill.checkpoint import CheckpointError
 from gdistill.metric_writer import log
 from gdistill.networks import init_params, make_net, model_kwargs, param_count
@@ -36,6 +36,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'--workdir={workdir}: no {CONFIG_FILE} there (expected the workdir of a '
                        f'gdistill run, e.g. runs/fashion_mnist)')
   return get_config(workdir)
+
+
+# Where a relative path that does not exist from the working directory is looked up next:
+# the directory holding the gdistill package (the checkout, or site-packages), so that
+# ``gdistill/weights/...`` names the weights shipped with the package from anywhere.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(path: str) -> str:
+  """``path`` made absolute: from the working directory if it exists there, else from
+  PACKAGE_PARENT if it exists there, else from the working directory."""
+  here = os.path.abspath(path)
+  shipped = os.path.join(PACKAGE_PARENT, path)
+  return shipped if not os.path.exists(here) and os.path.exists(shipped) else here
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
@@ -102,17 +116,26 @@ class ModelStore:
   # ---- which phases exist --------------------------------------------------------
 
   def directory(self, phase: str) -> str:
-    """A phase's checkpoint directory; the teacher's is ``config.teacher_checkpoint``
-    (a workdir or its checkpoints/teacher directory) where one is given."""
+    """Where a phase's model is: its checkpoint directory; the teacher's is
+    ``config.teacher_checkpoint`` where one is given (a workdir, its checkpoints/teacher
+    directory, or a one-file teacher ``*.msgpack`` of ``gdistill.teacher_file``)."""
     external = self.config.get('teacher_checkpoint', '')
     if phase == run_plan.TEACHER and external:
-      path = os.path.abspath(external)
+      path = resolve_path(external)
       nested = checkpoint.phase_dir(path, run_plan.TEACHER)
       return nested if os.path.isdir(nested) else path
     return checkpoint.phase_dir(self.path, phase)
 
+  def _file(self, phase: str) -> Optional[str]:
+    """The one-file weights that hold a phase (the teacher's, from teacher_checkpoint)."""
+    path = self.directory(phase)
+    return path if path.endswith(teacher_file.SUFFIX) or os.path.isfile(path) else None
+
   def step(self, phase: str) -> Optional[int]:
     """The latest saved step of a phase, or None."""
+    path = self._file(phase)
+    if path is not None:
+      return int(teacher_file.read_info(path).get('step') or 0) if os.path.isfile(path) else None
     return checkpoint.latest_complete(self.directory(phase))
 
   def finished(self) -> dict[str, int]:
@@ -147,6 +170,10 @@ class ModelStore:
     return '; '.join(parts) or 'nothing usable'
 
   def meta(self, phase: str) -> dict:
+    """A phase's checkpoint meta (a one-file teacher's sidecar)."""
+    path = self._file(phase)
+    if path is not None:
+      return teacher_file.read_info(path)
     return checkpoint.read_meta(self.directory(phase))
 
   def student_phase(self, sampler: str, steps: int) -> Optional[str]:
@@ -216,15 +243,23 @@ class ModelStore:
                             f'stage2_nNNNN or encoder_nNNNN)')
     use_w = parsed[0] != run_plan.TEACHER
     directory = self.directory(phase)
-    if checkpoint.latest_complete(directory) is None:
+    if self._file(phase) is not None:
+      if not os.path.isfile(directory):
+        raise CheckpointError(f'teacher_checkpoint={self.config.teacher_checkpoint!r}: no such '
+                              f'file ({directory}; expected a teacher weights file, a workdir '
+                              f'or its checkpoints/teacher directory)')
+      params, meta = teacher_file.load_params(directory, expect=self.expected_meta(use_w=use_w),
+                                              abstract_params=self.abstract_params(use_w=use_w))
+    elif checkpoint.latest_complete(directory) is None:
       if phase == run_plan.TEACHER and self.config.get('teacher_checkpoint', ''):
         raise CheckpointError(
             f'teacher_checkpoint={self.config.teacher_checkpoint!r}: no teacher checkpoint there '
             f'(expected a workdir or its checkpoints/teacher directory)')
       raise CheckpointError(f'checkpoint {directory}: no checkpoint found there (workdir '
                             f'{self.path} holds: {self.describe()})')
-    params, meta = checkpoint.load_eval_params(directory, self.abstract_params(use_w=use_w),
-                                               expect=self.expected_meta(use_w=use_w))
+    else:
+      params, meta = checkpoint.load_eval_params(directory, self.abstract_params(use_w=use_w),
+                                                 expect=self.expected_meta(use_w=use_w))
     log(f'loaded {phase} from {directory} ({param_count(params) / 1e6:.2f}M parameters)')
     return Model(phase=phase, apply_fn=self.net(use_w=use_w).apply, params=params, meta=meta,
                  mode='student' if use_w else 'guided')

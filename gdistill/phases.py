@@ -22,15 +22,9 @@ from gdistill.run_plan import PhaseSpec
 from gdistill.train_state import init_state, make_optimizer, make_update_fn
 
 
-def section(config, spec: PhaseSpec):
-  """The config section that trains a phase (``teacher``, ``stage1``, ``stage2``,
-  ``translate.encoder``)."""
-  return config.translate.encoder if spec.kind == run_plan.ENCODER else config[spec.kind]
-
-
 def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
   """The JSON saved with each checkpoint of a phase: what its network is."""
-  s = section(config, spec)
+  s = spec.section(config)
   out = {'phase': spec.name, 'model': model_kwargs(config), 'use_w': spec.use_w,
          'mean_type': config.diffusion.mean_type, 'num_classes': store.num_classes,
          'image_shape': list(store.image_shape), 'dataset': config.data.name,
@@ -107,7 +101,7 @@ class PhaseBuilder:
     """A w-conditioned student initialised from ``frozen['params']``: stage 1 from the
     teacher's weights (plus a zero-initialised w branch), a halving as an exact copy
     of its teacher."""
-    s = section(self.config, spec)
+    s = spec.section(self.config)
     train_net = self.store.net(use_w=True, dropout=s.dropout)
     opt = optimizer(s)
     key = (id(s), loss.func)

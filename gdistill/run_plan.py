@@ -72,6 +72,11 @@ class PhaseSpec:
   teacher: Optional[str]
   stage: str
 
+  def section(self, config):
+    """The config section that trains it (``teacher``, ``stage1``, ``stage2``,
+    ``translate.encoder``)."""
+    return config.translate.encoder if self.kind == ENCODER else config[self.kind]
+
   @property
   def use_w(self) -> bool:
     """Whether the network takes the guidance weight w as an input."""

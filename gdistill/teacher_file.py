@@ -42,10 +42,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-from gdistill import checkpoint, networks
+from gdistill import checkpoint, networks, run_plan
 from gdistill.checkpoint import CheckpointError
 
 FORMAT = 'gdistill-sampling-params/1'
+SUFFIX = '.msgpack'  # the weights file; its sidecar is the same name with .json
 # The sidecar entries that decide whether parameters fit a network (load_params' expect).
 NETWORK_KEYS = ('model', 'use_w', 'mean_type', 'num_classes', 'image_shape')
 _RESERVED = ('format', 'weights')
@@ -351,12 +352,10 @@ def load_step_params(directory: str, abstract_params, *, step: Optional[int] = N
 
 def phase_batch_size(config, phase: str) -> Optional[int]:
   """The global batch of a phase's updates (images seen = step * this), if known."""
-  from gdistill import phases, run_plan  # pylint: disable=g-import-not-at-top
   parsed = run_plan.parse_phase_name(phase)
   if parsed is None:
     return None
-  spec = run_plan.PhaseSpec(phase, parsed[0], parsed[1], None, '')
-  return int(phases.section(config, spec).batch_size)
+  return int(run_plan.PhaseSpec(phase, *parsed, None, '').section(config).batch_size)
 
 
 def abstract_params_for(config, *, use_w: bool, num_classes: int, image_shape,
@@ -414,6 +413,7 @@ def export_phase(checkpoint_dir: str, path: str, *, config, extra_info: Optional
   info.update(phase=phase, step=int(step),
               images_seen=None if batch is None else int(step) * batch,
               weights_kind='ema' if meta.get('has_ema') else 'raw',
+              has_ema=bool(meta.get('has_ema')),
               student_steps=meta.get('student_steps'), source=checkpoint_dir,
               config=config.to_dict())
   info.update(extra_info or {})

@@ -11,6 +11,7 @@ from ``gdistill.model_store``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 
 import jax
@@ -40,6 +41,7 @@ class Run:
                            log_every=config.log_every, max_to_keep=config.checkpoint.max_to_keep,
                            compile_options=setup.compile_options)
     self.builder = PhaseBuilder(config, self.store)
+    self._features = None  # (feature net, real-data statistics) of in-training tracking
 
   # ---- sample grids --------------------------------------------------------
 
@@ -74,6 +76,38 @@ class Run:
         self.write_grid(state.eval_params, mode=spec.mode, w=w, num_steps=steps,
                         name=spec.name)
     return on_done
+
+  # ---- quality while training ----------------------------------------------------
+
+  def tracker(self, spec: run_plan.PhaseSpec):
+    """``(track(state) -> scores, every)`` of a phase (``config.track``), or (None, 0).
+
+    The phase samples as it is used: the teacher guided and stage 1 at ``track.steps``,
+    an N-step student at N steps; encoders do not sample.
+    """
+    t = self.config.track
+    if not t.enabled or spec.kind == run_plan.ENCODER:
+      return None, 0
+    quick = []  # built on first use: a phase that is already finished tracks nothing
+
+    def track(state):
+      if not quick:
+        from gdistill.eval import quick_fid, sweep  # pylint: disable=g-import-not-at-top
+        if self._features is None:  # trains gdistill's classifier if absent (~2 min on CPU)
+          self._features = sweep.feature_net_and_stats(
+              self.config, os.path.join(self.workdir, sweep.EVAL_DIR), self.source)
+        net, stats = self._features
+        quick.append(quick_fid.QuickFid(
+            feature_net=net, reference=stats['reference'],
+            sample_fn=self.store.sampler(spec.mode), image_shape=self.store.image_shape,
+            num_classes=self.store.num_classes, num_samples=t.num_samples,
+            batch_size=t.batch_size, num_steps=spec.student_steps or t.steps,
+            w_values=t.w_values, seed=self.config.eval.seed,
+            batch_sharding=sharding.batch_sharding(self.mesh), mode=spec.mode,
+            k=self.config.eval.precision_recall_k))
+      scores = quick[0](state.eval_params)
+      return {k: v for k, v in scores.items() if k != 'sample_seconds'}
+    return track, t.teacher_every if spec.kind == run_plan.TEACHER else t.student_every
 
   # ---- the whole run -----------------------------------------------------------
 
@@ -117,6 +151,8 @@ class Run:
       log(f'teacher: {param_count(self.store.abstract_params(use_w=False)) / 1e6:.2f}M '
           f'parameters')
     phase = self.builder.build(spec, teacher_params, on_done=self.grids_of(spec))
+    track, every = self.tracker(spec)
+    phase = dataclasses.replace(phase, track=track, track_every=every)
     return run_phase(phase, self.ctx).eval_params
 
 

@@ -17,7 +17,10 @@ CONFIG_FILE = 'config.json'
 # how to log and evaluate, and how to lay the work out on devices.
 MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'checkpoint',
                     'mesh', 'sharding', 'multihost', 'data.data_dir', 'data.download',
-                    'teacher_checkpoint', 'precision', 'cpu_xla_tuned')
+                    'teacher_checkpoint', 'precision', 'cpu_xla_tuned', 'track')
+# A phase whose learning rate is constant after warm-up can be trained longer: its
+# num_steps may grow (the phase resumes from its last checkpoint).
+EXTENDABLE = ('teacher', 'stage1', 'stage2')
 
 
 class WorkdirError(ValueError):
@@ -39,6 +42,15 @@ def _mutable(key):
   return any(key == p or key.startswith(p + '.') for p in MUTABLE_PREFIXES)
 
 
+def _extended(key, old, new) -> bool:
+  """``SECTION.num_steps`` grown on a phase whose schedule is constant after warm-up."""
+  section, _, name = key.rpartition('.')
+  if name != 'num_steps' or section not in EXTENDABLE:
+    return False
+  constant = all(d.get(f'{section}.lr_decay') == 'constant' for d in (old, new))
+  return constant and isinstance(old.get(key), int) and new.get(key, 0) >= old[key]
+
+
 def check_and_record_config(config, workdir: str) -> None:
   """Raises WorkdirError if ``workdir`` holds a run of an incompatible config;
   else records the config (first run) in ``workdir/config.json``."""
@@ -57,7 +69,7 @@ def check_config(config, workdir: str) -> None:
     except (OSError, ValueError) as e:
       raise WorkdirError(f'{path}: unreadable ({e}); expected the config.json of a gdistill run')
     for key in sorted(set(old) | set(new)):
-      if _mutable(key):
+      if _mutable(key) or _extended(key, old, new):
         continue
       if old.get(key, '<absent>') != new.get(key, '<absent>'):
         raise WorkdirError(
@@ -71,10 +83,15 @@ def check_config(config, workdir: str) -> None:
 
 
 def record_config(config, workdir: str) -> None:
-  """Writes ``workdir/config.json`` on a workdir's first run (process 0)."""
+  """Writes ``workdir/config.json`` on a workdir's first run, and again when a run
+  trains a phase longer (``EXTENDABLE``), on process 0."""
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
-    return
+    with open(path) as f:
+      old = _flatten(json.load(f))
+    new = _flatten(config.to_dict())
+    if not any(_extended(k, old, new) and new[k] != old[k] for k in new):
+      return
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + '.tmp'

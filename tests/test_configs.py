@@ -8,14 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from gdistill import config_validation, sharding, train
+from gdistill import config_validation, run_setup, sharding, train
 from gdistill.data import ImageSource
 from gdistill.models.unet import UNet
 from gdistill.networks import init_params, param_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ('fashion_mnist', 'smoke', 'cifar10', 'imagenet64')
-SHAPES = {'fashion_mnist': ((28, 28, 1), 10), 'smoke': ((28, 28, 1), 10),
+CONFIGS = ('fashion_mnist', 'fashion_mnist_teacher', 'smoke', 'cifar10', 'imagenet64')
+SHAPES = {'fashion_mnist': ((28, 28, 1), 10), 'fashion_mnist_teacher': ((28, 28, 1), 10),
+          'smoke': ((28, 28, 1), 10),
           'cifar10': ((32, 32, 3), 10), 'imagenet64': ((64, 64, 3), 1000)}
 # Full-size teacher parameter counts (pinned: a change here changes every result).
 FULL_PARAMS = {'fashion_mnist': (1.0e6, 1.5e6), 'cifar10': (35e6, 60e6),
@@ -119,7 +120,17 @@ def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypa
   source = RandomImages(name=name, split='train', num_examples=64, image_shape=shape,
                         num_classes=classes, class_names=[str(i) for i in range(classes)],
                         data_source=None, in_memory=True)
-  monkeypatch.setattr(train, 'open_source', lambda *a, **k: source)
+  monkeypatch.setattr(run_setup, 'open_source', lambda *a, **k: source)
   train.train_and_evaluate(config, str(tmp_path))
   for phase in ('teacher', 'stage1', 'stage2_n0001'):
     assert os.listdir(tmp_path / 'checkpoints' / phase)
+
+
+def test_teacher_config_trains_the_embedded_default_network():
+  """configs/fashion_mnist_teacher.py trains (and tracks) the network the embedded default
+  distils, with a schedule that allows training it longer."""
+  teacher, default = load_config('fashion_mnist_teacher'), load_config('fashion_mnist')
+  assert teacher.model.to_dict() == default.model.to_dict()
+  assert teacher.data.to_dict() == default.data.to_dict()
+  assert teacher.stages == ('teacher',) and not teacher.teacher_checkpoint
+  assert teacher.teacher.lr_decay == 'constant' and teacher.track.enabled

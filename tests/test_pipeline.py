@@ -181,12 +181,37 @@ MISSING_CHECKPOINTS = {
 }
 
 
+def _teacher_file(teacher_workdir, name, truncate=False):
+  """The smoke teacher exported as one file (gdistill.teacher_file), optionally cut short."""
+  from gdistill import teacher_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(teacher_workdir), name)
+  if not os.path.exists(path):
+    teacher_file.export_phase(checkpoint.phase_dir(teacher_workdir, 'teacher'), path,
+                              config=_smoke_config())
+    if truncate:
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
 def _teacher_cases(teacher_workdir):
   cases = dict(MISSING_CHECKPOINTS)
   cases['incompatible_teacher'] = (
       (f'--config.teacher_checkpoint={teacher_workdir}', "--config.stages=('stage1',)",
        '--config.model.ch=8'),
       ('model', "'ch': 16", "'ch': 8"))
+  whole = _teacher_file(teacher_workdir, 'teacher.msgpack')
+  cut = _teacher_file(teacher_workdir, 'cut.msgpack', truncate=True)
+  cases['truncated_teacher_file'] = (
+      (f'--config.teacher_checkpoint={cut}', "--config.stages=('stage1',)"),
+      (cut, 'truncated or corrupted', 'bytes, expected'))
+  cases['teacher_file_of_another_network'] = (
+      (f'--config.teacher_checkpoint={whole}', "--config.stages=('stage1',)",
+       '--config.model.ch=8'),
+      (whole, 'another network', 'model.ch=16 (expected 8)'))
+  cases['missing_teacher_file'] = (
+      ('--config.teacher_checkpoint=/nonexistent/teacher.msgpack', "--config.stages=('stage1',)"),
+      ('teacher_checkpoint', '/nonexistent/teacher.msgpack', 'no such file'))
   return cases
 
 
@@ -205,7 +230,9 @@ def checkpoint_case(tmp_path_factory, fashion_data_dir, smoke_teacher_workdir):
   return run
 
 
-CHECKPOINT_CASES = sorted(MISSING_CHECKPOINTS) + ['incompatible_teacher']
+CHECKPOINT_CASES = sorted(MISSING_CHECKPOINTS) + [
+    'incompatible_teacher', 'truncated_teacher_file', 'teacher_file_of_another_network',
+    'missing_teacher_file']
 
 
 @pytest.mark.parametrize('case', CHECKPOINT_CASES)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gd_testlib import random_like
-from gdistill import checkpoint, networks, teacher_file
+from gdistill import checkpoint, compiled_samplers, networks, teacher_file
 from gdistill.eval import features, metrics, quick_fid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +47,9 @@ def quick():
   config = _config()
   net = networks.make_net(config, num_classes=K, out_ch=SHAPE[-1], use_w=False)
   feature_net = _pooled_net()
-  sampler = quick_fid.make_sampler(net, mean_type=config.diffusion.mean_type, num_classes=K,
-                                   mode='guided', log_fn=None)
+  sampler = compiled_samplers.make_sample_fn(apply_fn=net.apply,
+                                             mean_type=config.diffusion.mean_type,
+                                             num_classes=K, mode='guided', sampler='ddim')
   q = quick_fid.QuickFid(feature_net=feature_net, reference=_reference(feature_net),
                          sample_fn=sampler, image_shape=SHAPE, num_classes=K, num_samples=24,
                          batch_size=16, num_steps=2, w_values=(0.0, 1.0), seed=0)

@@ -44,18 +44,6 @@ def w_key(metric: str, w: float) -> str:
   return f'{metric}_w{float(w):g}'
 
 
-def make_sampler(net, *, mean_type: str, num_classes: int, mode: str = 'guided',
-                 sampler: str = 'ddim', compile_options: Optional[dict] = None,
-                 log_fn=log) -> sampling.AotSampler:
-  """The compiled sampler of ``net`` (``sampling.make_sample_fn`` + ``AotSampler``):
-  ``guided`` for a teacher (2 network evaluations per step), ``student`` for a
-  w-conditioned student."""
-  return sampling.AotSampler(
-      sampling.make_sample_fn(apply_fn=net.apply, mean_type=mean_type,
-                              num_classes=num_classes, mode=mode, sampler=sampler),
-      name=f'quick-FID {mode}/{sampler}', log=log_fn, compile_options=compile_options)
-
-
 class QuickFid:
   """FID (and IS, precision, recall) of one parameter tree at a few ``w``, built once.
 
@@ -65,7 +53,7 @@ class QuickFid:
     reference: real-data statistics from ``features.split_statistics`` (``mu``, ``sigma``,
       ``subset_features`` for precision/recall).
     sample_fn: ``fn(params, label, w, z_1, num_steps, rng) -> images in [-1, 1]``, e.g.
-      ``make_sampler(net, mode='guided', ...)``.
+      ``ModelStore.sampler('guided')``.
     image_shape, num_classes: of the data.
     num_samples: images per ``w``.
     batch_size: images per sampler call (must split over ``batch_sharding``'s devices).

@@ -130,6 +130,29 @@ class _Params:
     return self._params
 
 
+def feature_net_and_stats(config, eval_dir: str, train_source):
+  """The evaluation's feature network (trained and saved under ``eval_dir`` when it is
+  gdistill's classifier and absent) and the cached real-data statistics of the
+  reference and floor splits: (net, {'reference': ..., 'floor': ...})."""
+  e = config.eval
+  net = features.make_feature_net(
+      kind=plan.feature_net_kind(e.feature_net, config.data.name), eval_dir=eval_dir,
+      train_source=train_source,
+      test_source=_source(config, config.data.eval_split, train_source),
+      classifier_path=e.classifier_path, classifier_steps=e.classifier_steps,
+      classifier_batch_size=e.classifier_batch_size,
+      classifier_learning_rate=e.classifier_learning_rate, inception_weights=e.inception_weights,
+      seed=e.seed)
+  stats = {}
+  for role, split, cap in (('reference', e.reference_split, e.reference_examples),
+                           ('floor', e.floor_split or config.data.eval_split, 0)):
+    stats[role] = features.split_statistics(
+        net, _source(config, split, train_source),
+        cache_path=os.path.join(eval_dir, f'stats_{net.kind}_{split}.npz'),
+        subset_size=e.num_samples, max_examples=cap, seed=e.seed)
+  return net, stats
+
+
 def _eta(seconds: float) -> str:
   return f'{int(seconds // 60)}m{int(seconds % 60):02d}s'
 
@@ -165,28 +188,13 @@ def run_sweep(config, store, *, train_source=None) -> dict:
     if step is None:
       raise checkpoint.CheckpointError(f'checkpoint {store.directory(phase)}: nothing to '
                                        f'evaluate there (eval.models={tuple(e.models)})')
-    meta = checkpoint.read_meta(store.directory(phase), step)
+    meta = store.meta(phase)
     ckpt[phase] = {'step': int(step), 'weights': 'ema' if meta.get('has_ema') else 'raw'}
 
   # ---- feature network and real-data statistics -------------------------------------------
-  kind = plan.feature_net_kind(e.feature_net, config.data.name)
   train_source = _source(config, config.data.split, train_source)
-  ref_source = _source(config, e.reference_split, train_source)
-  net = features.make_feature_net(
-      kind=kind, eval_dir=eval_dir, train_source=train_source,
-      test_source=_source(config, config.data.eval_split, train_source),
-      classifier_path=e.classifier_path, classifier_steps=e.classifier_steps,
-      classifier_batch_size=e.classifier_batch_size,
-      classifier_learning_rate=e.classifier_learning_rate, inception_weights=e.inception_weights,
-      seed=e.seed)
-  stats = {}
+  net, stats = feature_net_and_stats(config, eval_dir, train_source)
   floor_split = e.floor_split or config.data.eval_split
-  for role, split, cap in (('reference', e.reference_split, e.reference_examples),
-                           ('floor', floor_split, 0)):
-    source = ref_source if role == 'reference' else _source(config, split, train_source)
-    stats[role] = features.split_statistics(
-        net, source, cache_path=os.path.join(eval_dir, f'stats_{net.kind}_{split}.npz'),
-        subset_size=e.num_samples, max_examples=cap, seed=e.seed)
   k = e.precision_recall_k
   floor = dict(floor_metrics(stats['floor'], stats['reference'], k=k), split=floor_split)
   log(f'eval: floor ({floor_split} split vs {e.reference_split} statistics): '

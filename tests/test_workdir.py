@@ -1,0 +1,41 @@
+"""The workdir's config record: what a rerun may change."""
+
+import json
+
+import pytest
+
+from gdistill.config_base import base_config
+from gdistill.workdir import WorkdirError, check_config, record_config
+
+
+def _recorded(tmp_path, **teacher):
+  config = base_config()
+  config.teacher.update(num_steps=100, **teacher)
+  record_config(config, str(tmp_path))
+  return config
+
+
+def test_a_constant_schedule_phase_may_be_trained_longer(tmp_path):
+  config = _recorded(tmp_path, lr_decay='constant')
+  config.teacher.num_steps = 300
+  check_config(config, str(tmp_path))  # accepted: the phase resumes from its last checkpoint
+  record_config(config, str(tmp_path))
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['teacher']['num_steps'] == 300  # the record follows
+  config.teacher.num_steps = 200  # but never back below what was recorded
+  with pytest.raises(WorkdirError, match='teacher.num_steps=300'):
+    check_config(config, str(tmp_path))
+
+
+def test_a_decaying_schedule_phase_may_not(tmp_path):
+  config = _recorded(tmp_path, lr_decay='linear')
+  config.teacher.num_steps = 300
+  with pytest.raises(WorkdirError, match='teacher.num_steps=100'):
+    check_config(config, str(tmp_path))
+
+
+def test_tracking_settings_are_free_to_change(tmp_path):
+  config = _recorded(tmp_path)
+  config.track.enabled = not config.track.enabled
+  config.track.teacher_every = 7
+  check_config(config, str(tmp_path))
