@@ -50,18 +50,15 @@ MAX_STEPS = 256
 GRIDS = ('uniform_t', 'logsnr_uniform', 'logsnr_mid', 'stop_t64', 'start_t0.98')
 WEIGHTS = ('ema', 'raw', 'ema_debiased')
 
-# (weights, steps, clip, grid, w) in priority order: clip, EMA vs raw, debiased EMA, grids.
+# (weights, steps, clip, grid, w) in priority order: clip, EMA vs raw, debiased EMA, grids, w=1.
 DEFAULT_ROWS = (
     [('ema', n, c, 'uniform_t', 0.0) for n in (64, 256) for c in (True, False)]
-    + [('raw', n, True, 'uniform_t', 0.0) for n in (64, 256)]
+    + [('raw', n, c, 'uniform_t', 0.0) for n in (64, 256) for c in (True, False)]
     + [('ema_debiased', n, True, 'uniform_t', 0.0) for n in (64, 256)]
-    + [(wt, 16, c, 'uniform_t', 0.0) for wt in ('ema', 'raw', 'ema_debiased')
-       for c in (True, False)]
-    + [('raw', n, False, 'uniform_t', 0.0) for n in (64, 256)]
-    + [('ema', n, True, g, 0.0) for g in ('logsnr_uniform', 'stop_t64', 'logsnr_mid')
-       for n in (64, 256)]
+    + [(wt, 16, c, 'uniform_t', 0.0) for wt in WEIGHTS for c in (True, False)]
+    + [(wt, n, True, g, 0.0) for wt in ('ema', 'raw')
+       for g in ('logsnr_uniform', 'stop_t64', 'logsnr_mid', 'start_t0.98') for n in (64, 256)]
     + [(wt, n, True, 'uniform_t', 1.0) for wt in ('ema', 'raw') for n in (16, 64, 256)]
-    + [('ema', n, True, 'start_t0.98', 0.0) for n in (64, 256)]
 )
 
 
@@ -94,9 +91,14 @@ def logsnr_grid(name: str, n: int):
   raise ValueError(f'grid={name!r}: expected one of {GRIDS}')
 
 
-def make_study_sampler(*, apply_fn, mean_type: str, num_classes: int):
+def make_study_sampler(*, apply_fn, mean_type: str, num_classes: int, guided: bool = True):
   """jitted ``fn(params, label, w, z_1, num_steps, lam [MAX_STEPS + 1], clip) -> x_hat``:
-  guided DDIM over an arbitrary log-SNR grid (2 network evaluations per step)."""
+  guided DDIM over an arbitrary log-SNR grid (2 network evaluations per step).
+
+  ``guided=False``: the conditional branch only (w ignored), 1 evaluation per step. At
+  w = 0 the guided prediction (1 + 0) x_cond - 0 x_uncond is x_cond, so this is the guided
+  sampler at w = 0 for half the cost (``--check`` measures the difference: float rounding).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from gdistill import diffusion, guidance  # pylint: disable=g-import-not-at-top
@@ -109,9 +111,14 @@ def make_study_sampler(*, apply_fn, mean_type: str, num_classes: int):
     def step(i, carry):
       z_t, _ = carry
       lt, ls = lam[i], lam[i + 1]
-      x_hat = guidance.guided_x_hat(apply_fn=apply_fn, params=params, z_t=z_t,
-                                    logsnr=jnp.broadcast_to(lt, (b,)), label=label, w=wb,
-                                    num_classes=num_classes, mean_type=mean_type)
+      logsnr = jnp.broadcast_to(lt, (b,))
+      if guided:
+        x_hat = guidance.guided_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr,
+                                      label=label, w=wb, num_classes=num_classes,
+                                      mean_type=mean_type)
+      else:
+        x_hat = guidance.model_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr,
+                                     label=label, mean_type=mean_type)
       x_hat = jnp.where(clip, jnp.clip(x_hat, -1.0, 1.0), x_hat)
       return diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=lt, logsnr_s=ls), x_hat
 
@@ -131,13 +138,18 @@ def parse_args(argv=None):
   p.add_argument('--batch_size', type=int, default=250,
                  help='samples per sampler call; a multiple of the device count')
   p.add_argument('--seed', type=int, default=0, help='of the fixed labels and noise')
-  p.add_argument('--rows', default='', help='regular expression over row names (default all)')
+  p.add_argument('--rows', default='',
+                 help='regular expression over the default rows\' names (default all)')
   p.add_argument('--extra_rows', default='',
-                 help='extra rows, comma-separated names weights/N../clip|noclip/grid/wX')
+                 help='rows to add after the default ones, in this order, comma-separated '
+                      'names weights/N<steps>/clip|noclip/grid/w<w> (--rows=^$ for only these)')
   p.add_argument('--budget_minutes', type=float, default=0.0,
                  help='stop before a row that would end past this (0: no limit)')
   p.add_argument('--check', action='store_true',
                  help='first compare the uniform_t grid with compiled_samplers (8 samples)')
+  p.add_argument('--guided_w0', action='store_true',
+                 help='sample w = 0 rows with both branches (default: the conditional branch '
+                      'only, the same images for half the cost)')
   p.add_argument('--output', required=True, help='JSON file (rows already there are reused)')
   return p.parse_args(argv)
 
@@ -219,9 +231,9 @@ def run(args) -> dict:
   mean_type = config.diffusion.mean_type
 
   names = [row_name(*r) for r in DEFAULT_ROWS]
-  names += [n.strip() for n in args.extra_rows.split(',') if n.strip()]
   if args.rows:
     names = [n for n in names if re.search(args.rows, n)]
+  names += [n.strip() for n in args.extra_rows.split(',') if n.strip()]
   todo_specs = [parse_row(n) for n in dict.fromkeys(names)]
 
   # ---- parameters ----------------------------------------------------------------------
@@ -257,9 +269,11 @@ def run(args) -> dict:
                                   num_samples=args.num_samples, k=k)
 
   # ---- the sampler ---------------------------------------------------------------------------
-  aot = compiled_samplers.AotSampler(
-      make_study_sampler(apply_fn=net.apply, mean_type=mean_type, num_classes=num_classes),
-      name='study guided/ddim', log=log, compile_options=store.compile_options)
+  aots = {g: compiled_samplers.AotSampler(
+      make_study_sampler(apply_fn=net.apply, mean_type=mean_type, num_classes=num_classes,
+                         guided=g),
+      name=f'study {"guided" if g else "w=0 (conditional)"}/ddim', log=log,
+      compile_options=store.compile_options) for g in (True, False)}
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
@@ -268,8 +282,9 @@ def run(args) -> dict:
     lam = np.concatenate([lam, np.full(MAX_STEPS + 1 - len(lam), lam[-1])]).astype(np.float32)
     return jax.device_put(jnp.asarray(lam), repl)
 
-  def sample_fn_for(grid, n, clip):
+  def sample_fn_for(grid, n, clip, w=1.0):
     lam, clip_arr = grid_array(grid, n), jax.device_put(jnp.bool_(clip), repl)
+    aot = aots[bool(w != 0.0 or args.guided_w0)]
     return lambda p, label, w, z_1, num_steps, rng: aot(p, label, jax.device_put(w, repl), z_1,
                                                         jax.device_put(num_steps, repl), lam,
                                                         clip_arr)
@@ -277,8 +292,9 @@ def run(args) -> dict:
   gen_kw = dict(batch_size=args.batch_size, num_classes=num_classes, image_shape=image_shape,
                 seed=args.seed, batch_sharding=batch_sh)
   t0 = time.perf_counter()
-  sweep.generate(sample_fn_for('uniform_t', 1, True), params['ema'], w=0.0, num_steps=1,
-                 num_samples=args.batch_size, **gen_kw)
+  for w in (0.0, 1.0):
+    sweep.generate(sample_fn_for('uniform_t', 1, True, w), params['ema'], w=w, num_steps=1,
+                   num_samples=args.batch_size, **gen_kw)
   log(f'study: sampler compiled and one batch run in {time.perf_counter() - t0:.1f}s')
 
   check = None
@@ -295,12 +311,16 @@ def run(args) -> dict:
       b = np.asarray(sample_fn_for('uniform_t', n, True)(params['ema'], label, jnp.float32(1.0),
                                                           z_1, jnp.int32(n), rng))
       check[f'N{n}_w1_max_abs_diff'] = float(np.max(np.abs(a - b)))
+      a = np.asarray(ref(params['ema'], label, jnp.float32(0.0), z_1, jnp.int32(n), rng))
+      b = np.asarray(sample_fn_for('uniform_t', n, True, 0.0)(
+          params['ema'], label, jnp.float32(0.0), z_1, jnp.int32(n), rng))
+      check[f'N{n}_w0_conditional_max_abs_diff'] = float(np.max(np.abs(a - b)))
     log(f'study: uniform_t grid vs compiled_samplers ddim: {check}')
 
   protocol = {'workdir': workdir, 'step': int(step), 'num_samples': args.num_samples,
               'batch_size': args.batch_size, 'seed': args.seed, 'k': k,
               'ema_decay': ema_decay, 'feature_fingerprint': feat_net.fingerprint,
-              'devices': mesh.size}
+              'devices': mesh.size, 'guided_w0': bool(args.guided_w0)}
   done = {}
   if os.path.isfile(args.output):
     try:
@@ -313,6 +333,11 @@ def run(args) -> dict:
   out = {'protocol': protocol, 'floor': floor, 'init_share_in_ema': share,
          'param_distances': distances, 'check': check, 'rows': []}
   rate = None  # network evaluations per second
+
+  def kept_rows(rows):
+    """Rows of earlier runs (same protocol) that this run does not list: kept in the file."""
+    listed = {r['name'] for r in rows} | {row_name(*spec) for spec in todo_specs}
+    return [r for key, r in done.items() if key not in listed]
   rows = out['rows']
   for spec in todo_specs:
     name = row_name(*spec)
@@ -323,16 +348,17 @@ def run(args) -> dict:
       continue
     if args.budget_minutes and rate:
       left = args.budget_minutes * 60 - (time.perf_counter() - t_start)
-      need_s = nfe * args.num_samples / rate + 5
+      evals = nfe if (w != 0.0 or args.guided_w0) else n
+      need_s = evals * args.num_samples / rate + 5
       if need_s > left:
         log(f'study: {name} skipped ({need_s / 60:.1f} min needed, {left / 60:.1f} left)')
         continue
     t0 = time.perf_counter()
-    images, seconds, sampled = sweep.generate(sample_fn_for(grid, n, clip), params[weights],
+    images, seconds, sampled = sweep.generate(sample_fn_for(grid, n, clip, w), params[weights],
                                               w=w, num_steps=n, num_samples=args.num_samples,
                                               **gen_kw)
     scores = sweep.score(images, feat_net, stats['reference'], k=k)
-    rate = nfe * sampled / seconds
+    rate = (nfe if (w != 0.0 or args.guided_w0) else n) * sampled / seconds
     row = {'name': name, 'weights': weights, 'steps': n, 'nfe': nfe, 'clip': clip,
            'grid': grid, 'w': w, **{m: float(v) for m, v in scores.items()},
            'seconds': time.perf_counter() - t0, 'evals_per_second': rate,
@@ -340,7 +366,8 @@ def run(args) -> dict:
     rows.append(row)
     log(f'study: {name}: FID {row["fid"]:.3f} P {row["precision"]:.3f} R {row["recall"]:.3f} '
         f'({row["seconds"]:.0f}s, {rate:.0f} evals/s)')
-    _write_json(args.output, out)
+    _write_json(args.output, dict(out, rows=rows + kept_rows(rows)))
+  rows.extend(kept_rows(rows))
   _write_json(args.output, out)
   print(table(rows, floor))
   print(f'step {step}; {args.num_samples} samples per row; initial parameters weigh '

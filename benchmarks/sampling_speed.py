@@ -4,7 +4,7 @@ distilled student at 1/2/4/8 steps, on the same batch.
 For each sampler: images/s, network evaluations (NFE) per image, and the
 student's wall-clock speed-up over the guided teacher at 2 x 256 next to the
 ratio of their NFE (speed-up / NFE ratio = 1 means the step count is all that
-matters). Samplers are gdistill.compiled_samplers's compiled ones (DDIM, step count a
+matters). Samplers are gdistill.compiled_samplers' (DDIM, step count a
 traced argument, so each network compiles once for every N).
 
   python benchmarks/sampling_speed.py [--quick] [--config configs/X.py] [--json FILE]
@@ -56,9 +56,9 @@ def run(setup: common.Setup, records: common.Records, *, batch=None, rounds=None
   w, rng = jax.device_put((jnp.float32(c.samples.teacher_w), key), repl)
   steps = lambda n: jax.device_put(jnp.int32(n), repl)
 
-  make = lambda net, mode: compiled_samplers.make_sample_fn(apply_fn=net.apply, mean_type=c.diffusion.mean_type,
-                                                   num_classes=setup.num_classes, mode=mode,
-                                                   sampler='ddim')
+  make = lambda net, mode: compiled_samplers.make_sample_fn(
+      apply_fn=net.apply, mean_type=c.diffusion.mean_type, num_classes=setup.num_classes,
+      mode=mode, sampler='ddim')
   samplers = {'guided teacher': (make(setup.teacher_net, 'guided'), common.teacher_params(setup)),
               'student': (make(setup.student_net, 'student'), common.student_params(setup))}
   compile_s = {}
@@ -78,7 +78,9 @@ def run(setup: common.Setup, records: common.Records, *, batch=None, rounds=None
   times = common.interleaved_times({case: call(*case) for case in cases}, rounds=rounds,
                                    min_call_seconds=0.2 if setup.quick else 0.5)
 
-  nfe = {(name, n): n * compiled_samplers.nfe_per_step('guided' if name == 'guided teacher' else 'student')
+  per_step = lambda name: compiled_samplers.nfe_per_step(
+      'guided' if name == 'guided teacher' else 'student')
+  nfe = {(name, n): n * per_step(name)
          for name, n in cases}
   ref = ('guided teacher', REFERENCE_TEACHER_STEPS)
   rows = []

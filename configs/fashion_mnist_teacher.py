@@ -31,8 +31,5 @@ def get_config():
   c = _embedded_default()
   c.stages = ('teacher',)
   c.teacher_checkpoint = ''
-  c.teacher.update(num_steps=8000, batch_size=64, learning_rate=4e-4, warmup_steps=100,
-                   lr_decay='constant', ema_decay=0.999, checkpoint_every=500)
   c.checkpoint.max_to_keep = 40  # every checkpoint, for benchmarks/teacher_curve.py
-  c.track.update(enabled=True, teacher_every=1000)
   return c

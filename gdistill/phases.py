@@ -93,7 +93,9 @@ class PhaseBuilder:
                         ema=c.ema_decay > 0)
 
     return Phase(name=spec.name, num_steps=c.num_steps, batch_size=c.batch_size,
-                 init_fn=init_fn, update_fn=make_update_fn(loss, opt, ema_decay=c.ema_decay),
+                 init_fn=init_fn,
+                 update_fn=make_update_fn(loss, opt, ema_decay=c.ema_decay,
+                                          ema_warmup=c.ema_warmup),
                  frozen={}, meta=meta(self.config, self.store, spec),
                  checkpoint_every=c.checkpoint_every, on_done=on_done)
 
@@ -107,7 +109,7 @@ class PhaseBuilder:
     key = (id(s), loss.func)
     if key not in self._updates:
       self._updates[key] = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
-                                          ema_decay=s.ema_decay)
+                                          ema_decay=s.ema_decay, ema_warmup=s.ema_warmup)
     seed, image_shape = self.config.seed, self.store.image_shape
     from_teacher_net = spec.kind == run_plan.STAGE1
 

@@ -46,10 +46,13 @@ def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool) ->
 
 
 def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                   ema_decay: float) -> Callable:
+                   ema_decay: float, ema_warmup: bool = False) -> Callable:
   """Builds ``update_fn(state, frozen, batch, rng) -> (state, metrics)``.
 
-  ``loss_fn(params, frozen, batch, rng) -> (loss, aux_metrics)``. The step's
+  ``loss_fn(params, frozen, batch, rng) -> (loss, aux_metrics)``. With ``ema_warmup``
+  the EMA's decay at update k (1, 2, ...) is min(ema_decay, (1 + k) / (10 + k)), so the
+  average forgets the initial parameters within the first hundreds of updates instead of
+  keeping ema_decay^k of them (0.22 after 1500 updates at 0.999). The step's
   randomness is ``fold_in(rng, state.step)``, so a resumed run draws exactly
   what an uninterrupted one would.
   """
@@ -61,7 +64,11 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+      decay = ema_decay
+      if ema_warmup:
+        k = (state.step + 1).astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), metrics

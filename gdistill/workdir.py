@@ -18,6 +18,9 @@ CONFIG_FILE = 'config.json'
 MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'checkpoint',
                     'mesh', 'sharding', 'multihost', 'data.data_dir', 'data.download',
                     'teacher_checkpoint', 'precision', 'cpu_xla_tuned', 'track')
+# Keys added after workdirs were recorded, with the value that behaves as gdistill did
+# before them: a record without the key matches a config with that value.
+ADDED = {f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 'stage2')}
 # A phase whose learning rate is constant after warm-up can be trained longer: its
 # num_steps may grow (the phase resumes from its last checkpoint).
 EXTENDABLE = ('teacher', 'stage1', 'stage2')
@@ -68,6 +71,7 @@ def check_config(config, workdir: str) -> None:
         old = _flatten(json.load(f))
     except (OSError, ValueError) as e:
       raise WorkdirError(f'{path}: unreadable ({e}); expected the config.json of a gdistill run')
+    old = {**{k: v for k, v in ADDED.items() if k in new}, **old}
     for key in sorted(set(old) | set(new)):
       if _mutable(key) or _extended(key, old, new):
         continue

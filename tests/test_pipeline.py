@@ -1,10 +1,11 @@
 """The smoke pipeline through the real command line.
 
-Default (seconds each): every user error is one ``gdistill: error:`` line on
-stderr, a non-zero exit, no traceback, and the workdir left as it was.
-Slow (``-m slow``, minutes): a full smoke run writes what it should, and a run
-killed with SIGKILL and rerun ends with exactly the parameters of an
-uninterrupted run.
+Default: every user error is one ``gdistill: error:`` line on stderr, a non-zero
+exit, no traceback, and the workdir left as it was (seconds each); one smoke run
+(teacher, stage 1, stage 2) writes what it should and samples through the CLI, and a
+run killed with SIGKILL and rerun ends with exactly the parameters of the
+uninterrupted one (about a minute each).
+Slow (``-m slow``): a rerun of a finished run changes nothing; five kills in a row.
 """
 
 import hashlib
@@ -273,8 +274,8 @@ def smoke_run(tmp_path_factory, fashion_data_dir):
   return dict(workdir=workdir, proc=proc, seconds=time.monotonic() - t0)
 
 
-@pytest.mark.slow
 def test_smoke_run_writes_everything(smoke_run):
+  """In the default suite: the real path (loop, checkpoints, the stage chain) once, small."""
   workdir = smoke_run['workdir']
   for phase in SMOKE_PHASES:
     steps = [int(d) for d in os.listdir(checkpoint.phase_dir(workdir, phase)) if d.isdigit()]
@@ -353,8 +354,19 @@ def _finish(workdir, data_dir):
   return proc
 
 
-@pytest.mark.slow
+def test_smoke_run_samples_through_the_cli(smoke_run, tmp_path):
+  out = str(tmp_path / 's.npz')
+  cmd = [sys.executable, '-m', 'gdistill.sample', f'--workdir={smoke_run["workdir"]}',
+         '--steps=2', '--num=1', f'--output={out}']
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=RUN_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(out) as d:
+    assert str(d['model']) == 'stage2_n0002' and d['image'].shape == (10, 28, 28, 1)
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(smoke_run, fashion_data_dir, tmp_path):
+  """In the default suite: one kill and resume, bit-identical to the uninterrupted run."""
   workdir = str(tmp_path / 'killed')
   _run_and_kill(workdir, fashion_data_dir, lambda: _has_checkpoint(workdir, 'stage1', 2),
                 'stage1 step 2')

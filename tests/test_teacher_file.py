@@ -223,3 +223,37 @@ def test_export_phase_and_any_saved_step(setup, tmp_path):
   cli_info = teacher_file.read_info(cli_out)
   assert cli_info['step'] == 2 and cli_info['fid'] == {'w1': 4.0}
   assert cli_info['note'] == 'first try'
+
+
+def _embedded_default():
+  spec = importlib.util.spec_from_file_location('fashion_mnist',
+                                                os.path.join(REPO, 'configs', 'fashion_mnist.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_the_shipped_teacher_loads_and_samples(tmp_path):
+  """The embedded default's teacher (gdistill/weights/) loads through the model store, as
+  the driver loads it, and its guided DDIM draws images of every class."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from gdistill import compiled_samplers, sharding  # pylint: disable=g-import-not-at-top
+  from gdistill.model_store import ModelStore  # pylint: disable=g-import-not-at-top
+  config = _embedded_default()
+  mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+  store = ModelStore(str(tmp_path), config, mesh=mesh, image_shape=(28, 28, 1), num_classes=10)
+  assert os.path.isfile(store.directory('teacher')), store.directory('teacher')
+  info = store.meta('teacher')
+  assert info['phase'] == 'teacher' and info['step'] == store.step('teacher') > 0
+  assert info['weights']['bytes'] <= 10 * 2**20 and info['weights']['dtype'] == 'float32'
+  assert config.teacher.num_steps == info['step']  # the config says what it was trained for
+  model = store.load('teacher')
+  assert model.mode == 'guided'
+  label = jnp.arange(10, dtype=jnp.int32)
+  z_1 = jax.random.normal(jax.random.PRNGKey(0), (10, 28, 28, 1))
+  fn = compiled_samplers.make_sample_fn(apply_fn=model.apply_fn, mean_type='v', num_classes=10,
+                                        mode='guided', sampler='ddim')
+  x = np.asarray(fn(model.params, label, jnp.float32(1.0), z_1, jnp.int32(4),
+                    jax.random.PRNGKey(1)))
+  assert x.shape == (10, 28, 28, 1) and np.all(np.abs(x) <= 1.0)
+  assert x.std() > 0.2 and np.abs(x[0] - x[1]).mean() > 0.05  # images, and not all alike

@@ -265,3 +265,20 @@ def test_train_state_eval_params():
   st = TrainState(step=jnp.int32(0), params={'a': 1}, opt_state=(), ema_params=None)
   assert st.eval_params == {'a': 1}
   assert st.replace(ema_params={'a': 2}).eval_params == {'a': 2}
+
+
+def test_ema_warmup_forgets_the_initial_parameters():
+  """With ema_warmup the EMA's decay at update k is min(decay, (1 + k) / (10 + k))."""
+  import optax  # pylint: disable=g-import-not-at-top
+  loss = lambda p, frozen, batch, rng: (jnp.sum((p['x'] - 1.0) ** 2), {})
+  params = {'x': jnp.zeros(())}
+  opt = optax.sgd(1.0)  # one step lands on x = 2, then oscillates: a visible target
+  outs = {}
+  for warmup in (False, True):
+    update = jax.jit(make_update_fn(loss, opt, ema_decay=0.999, ema_warmup=warmup))
+    state = init_state(params, opt, ema=True)
+    state, _ = update(state, {}, {}, jax.random.PRNGKey(0))
+    outs[warmup] = float(state.ema_params['x'])
+  x1 = 2.0  # params after the first update
+  assert outs[False] == pytest.approx(0.001 * x1)
+  assert outs[True] == pytest.approx((1 - 2 / 11) * x1)  # decay (1 + 1) / (10 + 1)

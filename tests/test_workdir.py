@@ -39,3 +39,18 @@ def test_tracking_settings_are_free_to_change(tmp_path):
   config.track.enabled = not config.track.enabled
   config.track.teacher_every = 7
   check_config(config, str(tmp_path))
+
+
+def test_a_record_from_before_a_key_existed_still_matches(tmp_path):
+  """config.json of a run recorded before teacher.ema_warmup existed: the same run with
+  the key at its old behaviour (False) resumes; with it on, it is another run."""
+  config = _recorded(tmp_path)
+  with open(tmp_path / 'config.json') as f:
+    recorded = json.load(f)
+  del recorded['teacher']['ema_warmup']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(recorded, f)
+  check_config(config, str(tmp_path))
+  config.teacher.ema_warmup = True
+  with pytest.raises(WorkdirError, match='teacher.ema_warmup'):
+    check_config(config, str(tmp_path))
