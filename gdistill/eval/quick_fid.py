@@ -28,9 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from gdistill import compiled_samplers
 from gdistill.eval import features, sweep
-
-from gdistill import compiled_samplers as sampling
 from gdistill.metric_writer import log
 
 DEFAULT_NUM_SAMPLES = 500
@@ -85,7 +84,7 @@ class QuickFid:
     self.num_samples, self.batch_size, self.num_steps = num_samples, batch_size, num_steps
     self.w_values = tuple(float(w) for w in w_values)
     self.seed, self.batch_sharding, self.mode, self.k = seed, batch_sharding, mode, k
-    self.nfe = num_steps * sampling.nfe_per_step(mode)
+    self.nfe = num_steps * compiled_samplers.nfe_per_step(mode)
     self.compile_seconds = None
     self.last_images = {}  # w -> the images of the latest call (for grids)
 
