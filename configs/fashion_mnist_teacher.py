@@ -32,4 +32,5 @@ def get_config():
   c.stages = ('teacher',)
   c.teacher_checkpoint = ''
   c.checkpoint.max_to_keep = 40  # every checkpoint, for benchmarks/teacher_curve.py
+  c.checkpoint.keep_train_state = True  # so that it can be trained longer
   return c

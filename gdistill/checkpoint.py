@@ -2,8 +2,11 @@
 
 Each phase (``teacher``, ``stage1``, ``stage2_n0032``, ...) keeps its own
 directory, so a later phase never overwrites an earlier one's final model.
-Every checkpoint holds the full train state and a JSON ``meta`` item that says
-what the network is (architecture, parameterisation, student step count).
+A running phase's checkpoints hold the full train state; a finished phase keeps one
+lean checkpoint, its sampling parameters only (``save_final``), unless
+``checkpoint.keep_train_state`` asks for the full state (to train it longer later).
+Every checkpoint has a JSON ``meta`` item that says what the network is
+(architecture, parameterisation, student step count; ``lean`` when it is lean).
 """
 
 from __future__ import annotations
@@ -35,6 +38,28 @@ def manager(directory: str, *, max_to_keep: int = 2, create: bool = True) -> ocp
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)))
+
+
+def sampling_key(meta: dict) -> str:
+  """The train-state field that holds a phase's sampling parameters."""
+  return 'ema_params' if meta.get('has_ema') else 'params'
+
+
+def save_final(mgr: ocp.CheckpointManager, step: int, state, meta: dict, *,
+               keep_train_state: bool) -> None:
+  """Saves a phase's last step, waits until it is durable, then (lean) deletes the
+  phase's other checkpoints: what later phases and sampling read is all that stays."""
+  if keep_train_state:
+    save(mgr, step, state, meta)
+    mgr.wait_until_finished()
+    return
+  key = sampling_key(meta)
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({key: getattr(state, key)}),
+                                          meta=ocp.args.JsonSave(meta | {'lean': True})))
+  mgr.wait_until_finished()
+  for other in mgr.all_steps():
+    if other != step:
+      mgr.delete(other)
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
@@ -77,7 +102,7 @@ def load_eval_params(directory: str, abstract_params, *, expect: Optional[dict] 
     if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
       raise CheckpointError(f'checkpoint {directory}: {key}={have} does not match this '
                             f'config\'s {key}={want}')
-  which = 'ema_params' if meta.get('has_ema') else 'params'
+  which = sampling_key(meta)
   mgr = manager(directory, create=False)
   restored = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(

@@ -63,10 +63,11 @@ def user_errors():
   from gdistill.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from gdistill.config_validation import ConfigError
   from gdistill.data import DataError
+  from gdistill.loop import TrainingDiverged
   from gdistill.workdir import WorkdirError
   try:
     yield
-  except (ConfigError, DataError, CheckpointError, WorkdirError) as e:
+  except (ConfigError, DataError, CheckpointError, WorkdirError, TrainingDiverged) as e:
     fail(str(e))
 
 

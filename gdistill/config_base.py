@@ -64,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.samples = ml_collections.ConfigDict(dict(
       per_class=8, max_classes=10, teacher_steps=64, teacher_w=1.0, student_w=(0.0, 1.0, 4.0)))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2))
+  # A running phase keeps its last max_to_keep checkpoints (full train state); a finished
+  # one keeps only its sampling parameters unless keep_train_state (needed to train it
+  # longer later: a larger num_steps of a constant-schedule phase resumes it).
+  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=2, keep_train_state=False))
 
   # Quality while training: a quick FID (IS, precision, recall) of each phase that samples,
   # with the evaluation's feature network (eval.feature_net; gdistill's classifier is

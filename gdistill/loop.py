@@ -22,6 +22,10 @@ from gdistill.metric_writer import MetricWriter, Progress, log
 from gdistill.train_state import TrainState
 
 
+# Steps in flight before the loop waits on the oldest (benchmarks/loop.py measured it).
+DISPATCH_DEPTH = 2
+
+
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite."""
 
@@ -39,7 +43,7 @@ class Phase:
     frozen: the phase's frozen inputs, given to init_fn and update_fn: what it reads
       but never trains (its teacher's parameters, the student's step count; may be empty).
     meta: JSON saved with each checkpoint (what the network is).
-    on_done: called with the final state once the phase has finished.
+    on_done: called with the final sampling parameters once the phase has finished.
     track: ``track(state) -> {name: value}``, quality scores of the state's sampling
       parameters (``gdistill.eval.quick_fid``), logged every ``track_every`` steps
       (0: never during the phase) and at its end.
@@ -52,7 +56,7 @@ class Phase:
   frozen: Any
   meta: dict
   checkpoint_every: int
-  on_done: Optional[Callable[[TrainState], None]] = None
+  on_done: Optional[Callable[[Any], None]] = None
   track: Optional[Callable[[TrainState], dict]] = None
   track_every: int = 0
 
@@ -68,6 +72,8 @@ class LoopContext:
   writer: MetricWriter
   log_every: int
   max_to_keep: int = 2
+  keep_train_state: bool = False  # a finished phase keeps its optimiser state too
+  dispatch_depth: int = DISPATCH_DEPTH
   compile_options: dict = dataclasses.field(default_factory=dict)  # xla_options.compile_options
 
 
@@ -81,16 +87,37 @@ def _abstract_with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
+def _abstract_state(phase: Phase, ctx: LoopContext):
+  """The phase's train state as abstract arrays carrying their shardings."""
+  abstract = jax.eval_shape(phase.init_fn, phase.frozen)
+  return _abstract_with_shardings(abstract,
+                                  sharding.state_shardings(abstract, ctx.mesh, ctx.strategy))
+
+
 def build_state(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
   """Restores the latest checkpoint of the phase, or initialises (born sharded)."""
-  abstract = jax.eval_shape(phase.init_fn, phase.frozen)
-  shardings = sharding.state_shardings(abstract, ctx.mesh, ctx.strategy)
+  abstract = _abstract_state(phase, ctx)
   latest = mgr.latest_step()
   if latest is not None:
-    state = checkpoint.restore(mgr, latest, _abstract_with_shardings(abstract, shardings))
+    if checkpoint.read_meta(mgr.directory, latest).get('lean'):
+      raise checkpoint.CheckpointError(
+          f'{phase.name}: finished at step {latest} keeping only its sampling parameters '
+          f'({mgr.directory}), so it cannot be trained to num_steps={phase.num_steps}: train '
+          f'longer in a new workdir, with --config.checkpoint.keep_train_state=True')
+    state = checkpoint.restore(mgr, latest, abstract)
     log(f'{phase.name}: resumed from step {int(state.step)}')
     return state
-  return jax.jit(phase.init_fn, out_shardings=shardings)(phase.frozen)
+  return jax.jit(phase.init_fn, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(
+      phase.frozen)
+
+
+def load_finished(phase: Phase, ctx: LoopContext):
+  """The sampling parameters of a finished phase (lean or full checkpoint)."""
+  abstract = _abstract_state(phase, ctx)
+  which = 'ema_params' if abstract.ema_params is not None else 'params'
+  params, _ = checkpoint.load_eval_params(checkpoint.phase_dir(ctx.workdir, phase.name),
+                                          getattr(abstract, which))
+  return params
 
 
 _COMPILED = {}
@@ -138,18 +165,86 @@ def track(phase: Phase, ctx: LoopContext, step: int, state: TrainState) -> float
   return seconds
 
 
-def run_phase(phase: Phase, ctx: LoopContext) -> TrainState:
-  """Runs (or resumes, or just loads) a phase to ``num_steps``; returns its final state."""
+class _Metrics:
+  """The steps' metrics: left on device as the steps are dispatched, fetched to the host
+  in one transfer per window (a log line, a checkpoint, the end) and checked there.
+
+  ``bound`` keeps at most ``depth`` steps in flight without fetching anything: before
+  step k is dispatched, step k - depth has finished (ENVIRONMENT.md: an unbounded
+  queue of CPU steps can hang).
+  """
+
+  def __init__(self, phase: Phase, step: int, depth: int):
+    self.phase, self.depth = phase, depth
+    self.pending = []  # [(step, device metrics)] not yet on the host
+    self.window = []  # host metrics since the last log line
+    self.checked = step  # every step up to here has finite metrics
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def bound(self) -> None:
+    unchecked = len(self.pending)
+    if unchecked > self.depth:
+      jax.block_until_ready(self.pending[unchecked - 1 - self.depth][1])
+
+  def fetch(self) -> None:
+    """Brings the pending metrics to the host; raises TrainingDiverged at the first
+    step whose loss or gradient norm is not finite (before anything of it is saved)."""
+    if not self.pending:
+      return
+    steps = [s for s, _ in self.pending]
+    host = jax.device_get([m for _, m in self.pending])
+    self.pending = []
+    for step, m in zip(steps, host):
+      bad = {k: float(m[k]) for k in ('loss', 'grad_norm')
+             if k in m and not math.isfinite(float(m[k]))}
+      if bad:
+        shown = ', '.join(f'{k}={v}' for k, v in bad.items())
+        raise TrainingDiverged(
+            f'{self.phase.name}: {shown} at step {step} (finite up to step {self.checked}; '
+            f'nothing after it was saved): lower the learning rate or check the data')
+      self.checked = step
+      self.window.append(m)
+
+  def mean(self) -> dict:
+    out = {k: float(np.mean([m[k] for m in self.window])) for k in self.window[0]}
+    self.window = []
+    return out
+
+
+def run_phase(phase: Phase, ctx: LoopContext):
+  """Runs (or resumes, or just loads) a phase to ``num_steps``; returns its final
+  sampling parameters (the EMA if kept)."""
   mgr = checkpoint.manager(checkpoint.phase_dir(ctx.workdir, phase.name),
                            max_to_keep=ctx.max_to_keep)
+  latest = mgr.latest_step()
+  if latest is not None and latest >= phase.num_steps:
+    if checkpoint.read_meta(mgr.directory, latest).get('lean'):
+      for other in mgr.all_steps():  # left by a run stopped while it was pruning
+        if other != latest:
+          mgr.delete(other)
+    mgr.close()
+    log(f'{phase.name}: already finished ({latest} steps)')
+    params = load_finished(phase, ctx)
+    if phase.on_done is not None:
+      phase.on_done(params)  # idempotent: it skips outputs that exist
+    return params
+  try:
+    state = _train(phase, ctx, mgr)
+  finally:  # an error (divergence, a full disk) still lets the saves before it finish
+    mgr.wait_until_finished()
+    mgr.close()
+  params = state.eval_params
+  if phase.on_done is not None:
+    phase.on_done(params)
+  return params
+
+
+def _train(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
+  """The steps from the phase's latest checkpoint to its end; its final state."""
   state = build_state(phase, ctx, mgr)
   step = int(state.step)
-  if step >= phase.num_steps:
-    log(f'{phase.name}: already finished ({step} steps)')
-    mgr.close()
-    if phase.on_done is not None:
-      phase.on_done(state)  # idempotent: it skips outputs that exist
-    return state
 
   batch_sh = sharding.batch_sharding(ctx.mesh)
   rng = jax.device_put(phase_rng(ctx.seed, phase.name), sharding.replicated(ctx.mesh))
@@ -159,34 +254,32 @@ def run_phase(phase: Phase, ctx: LoopContext) -> TrainState:
   update = compile_step(phase, ctx, state, batch, rng)
   progress = Progress(name=phase.name, start_step=step, total_steps=phase.num_steps,
                       batch_size=phase.batch_size)
-  window, window_start = [], step
+  metrics = _Metrics(phase, step, ctx.dispatch_depth)
   while step < phase.num_steps:
-    state, metrics = update(state, phase.frozen, batch, rng)
+    metrics.bound()
+    state, step_metrics = update(state, phase.frozen, batch, rng)
     step += 1
+    metrics.add(step, step_metrics)
     if step < phase.num_steps:
-      batch = get_batch(step)  # host work overlaps the device step
-    # Waiting on every step's metrics bounds the dispatch queue (ENVIRONMENT.md).
-    metrics = jax.device_get(metrics)
-    window.append(metrics)
-    if step == window_start + 1 and progress._t0 is None:
+      batch = get_batch(step)  # host work overlaps the device steps in flight
+    if progress._t0 is None:  # the rate counts from the end of the first step
+      jax.block_until_ready(step_metrics)
       progress.start(step)
-    if not math.isfinite(float(metrics['loss'])):
-      raise TrainingDiverged(f'{phase.name}: loss is {metrics["loss"]} at step {step} '
-                             f'(last finite at or after step {window_start})')
-    if step % ctx.log_every == 0 or step == phase.num_steps:
-      mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+    last = step == phase.num_steps
+    if step % ctx.log_every == 0 or last:
+      metrics.fetch()
+      mean = metrics.mean()
       rate = progress.rate(step)  # NaN until a step after the first (compiling) one
       ctx.writer.scalars(step, {f'{phase.name}/{k}': v for k, v in mean.items()}
                          | ({f'{phase.name}/steps_per_s': rate} if math.isfinite(rate) else {}))
       log(progress.line(step, mean))
-      window, window_start = [], step
-    if step % phase.checkpoint_every == 0 or step == phase.num_steps:
+    if last:
+      checkpoint.save_final(mgr, step, state, phase.meta,
+                            keep_train_state=ctx.keep_train_state)
+    elif step % phase.checkpoint_every == 0:
+      metrics.fetch()  # never a checkpoint of non-finite parameters
       checkpoint.save(mgr, step, state, phase.meta)
-    if phase.track is not None and (step == phase.num_steps or (
+    if phase.track is not None and (last or (
         phase.track_every and step % phase.track_every == 0)):
       progress.exclude(track(phase, ctx, step, state))
-  mgr.wait_until_finished()
-  mgr.close()
-  if phase.on_done is not None:
-    phase.on_done(state)
   return state

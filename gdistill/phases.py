@@ -92,10 +92,12 @@ class PhaseBuilder:
       return init_state(init_params(net, jax.random.PRNGKey(seed), image_shape), opt,
                         ema=c.ema_decay > 0)
 
+    key = (id(c), losses.teacher_loss)
+    if key not in self._updates:
+      self._updates[key] = make_update_fn(loss, opt, ema_decay=c.ema_decay,
+                                          ema_warmup=c.ema_warmup)
     return Phase(name=spec.name, num_steps=c.num_steps, batch_size=c.batch_size,
-                 init_fn=init_fn,
-                 update_fn=make_update_fn(loss, opt, ema_decay=c.ema_decay,
-                                          ema_warmup=c.ema_warmup),
+                 init_fn=init_fn, update_fn=self._updates[key],
                  frozen={}, meta=meta(self.config, self.store, spec),
                  checkpoint_every=c.checkpoint_every, on_done=on_done)
 

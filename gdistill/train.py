@@ -39,6 +39,7 @@ class Run:
     self.ctx = LoopContext(workdir=self.workdir, mesh=self.mesh, source=self.source,
                            seed=config.seed, strategy=config.sharding, writer=self.writer,
                            log_every=config.log_every, max_to_keep=config.checkpoint.max_to_keep,
+                           keep_train_state=config.checkpoint.keep_train_state,
                            compile_options=setup.compile_options)
     self.builder = PhaseBuilder(config, self.store)
     self._features = None  # (feature net, real-data statistics) of in-training tracking
@@ -71,9 +72,9 @@ class Run:
     else:
       return None
 
-    def on_done(state):
+    def on_done(params):
       for w, steps in settings:
-        self.write_grid(state.eval_params, mode=spec.mode, w=w, num_steps=steps,
+        self.write_grid(params, mode=spec.mode, w=w, num_steps=steps,
                         name=spec.name)
     return on_done
 
@@ -153,7 +154,7 @@ class Run:
     phase = self.builder.build(spec, teacher_params, on_done=self.grids_of(spec))
     track, every = self.tracker(spec)
     phase = dataclasses.replace(phase, track=track, track_every=every)
-    return run_phase(phase, self.ctx).eval_params
+    return run_phase(phase, self.ctx)
 
 
 def train_and_evaluate(config, workdir: str) -> None:

@@ -279,9 +279,9 @@ def test_smoke_run_writes_everything(smoke_run):
   workdir = smoke_run['workdir']
   for phase in SMOKE_PHASES:
     steps = [int(d) for d in os.listdir(checkpoint.phase_dir(workdir, phase)) if d.isdigit()]
-    assert steps, phase
+    assert len(steps) == 1, (phase, steps)  # a finished phase keeps one, lean, checkpoint
     meta = checkpoint.read_meta(checkpoint.phase_dir(workdir, phase))
-    assert meta['phase'] == phase and meta['use_w'] == (phase != 'teacher')
+    assert meta['phase'] == phase and meta['use_w'] == (phase != 'teacher') and meta['lean']
   assert checkpoint.read_meta(checkpoint.phase_dir(workdir, 'stage2_n0002'))['student_steps'] == 2
   samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
   assert samples == sorted(f'{name}.png' for name in SMOKE_SAMPLES)

@@ -1,0 +1,86 @@
+"""The training loop in process, on the smoke teacher: lean finished phases, training a
+phase longer, divergence (nothing non-finite is ever saved)."""
+
+import copy
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gdistill import checkpoint, loop, train
+from tests.test_pipeline import _smoke_config
+
+
+def _make_run(path, fashion_data_dir, **teacher):
+  config = _smoke_config()
+  config.data.data_dir = fashion_data_dir
+  config.teacher.update(lr_decay='constant', **teacher)
+  return train.Run(config, str(path))
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory, fashion_data_dir):
+  """One Run (data, plan, builder: one compiled teacher step) for the tests' workdirs."""
+  run = _make_run(tmp_path_factory.mktemp('loop'), fashion_data_dir)
+  yield run
+  run.writer.close()
+
+
+def _in(run, path, **ctx):
+  """``run`` writing to ``path``."""
+  out = copy.copy(run)
+  out.ctx = dataclasses.replace(run.ctx, workdir=str(path), **ctx)
+  return out
+
+
+def _teacher(run, num_steps):
+  phase = run.builder.build(run.plan['teacher'])
+  return dataclasses.replace(phase, num_steps=num_steps, checkpoint_every=2)
+
+
+def _steps(path):
+  return sorted(int(d) for d in os.listdir(checkpoint.phase_dir(str(path), 'teacher'))
+                if d.isdigit())
+
+
+def test_finished_phase_keeps_only_its_sampling_parameters(smoke, tmp_path):
+  run = _in(smoke, tmp_path)
+  params = loop.run_phase(_teacher(run, 3), run.ctx)
+  assert _steps(tmp_path) == [3]
+  directory = checkpoint.phase_dir(str(tmp_path), 'teacher')
+  meta = checkpoint.read_meta(directory)
+  assert meta['lean'] and meta['has_ema']
+  saved = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, '3', 'state')).item_metadata
+  assert set(saved.keys()) == {'ema_params'}  # no optimiser state, no raw parameters
+  again = loop.run_phase(_teacher(run, 3), run.ctx)  # loaded, not retrained
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(params))
+  with pytest.raises(checkpoint.CheckpointError, match='keep_train_state'):
+    loop.run_phase(_teacher(run, 5), run.ctx)
+  assert _steps(tmp_path) == [3]
+
+
+def test_phase_kept_whole_trains_longer_as_if_uninterrupted(smoke, tmp_path):
+  once = _in(smoke, tmp_path / 'once')
+  want = loop.run_phase(_teacher(once, 4), once.ctx)
+  twice = _in(smoke, tmp_path / 'twice', keep_train_state=True)
+  loop.run_phase(_teacher(twice, 2), twice.ctx)
+  got = loop.run_phase(_teacher(twice, 4), twice.ctx)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+
+
+def test_diverging_phase_stops_and_saves_nothing_non_finite(tmp_path, fashion_data_dir):
+  run = _make_run(tmp_path, fashion_data_dir, learning_rate=1e9, warmup_steps=0)
+  run.ctx.log_every = 100  # the check does not wait for a log line
+  with pytest.raises(loop.TrainingDiverged, match=r'teacher: .* at step \d+'):
+    loop.run_phase(_teacher(run, 20), run.ctx)
+  if _steps(tmp_path):  # what was saved before the step that diverged is finite
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                            jax.eval_shape(_teacher(run, 1).init_fn, {}).ema_params)
+    params, _ = checkpoint.load_eval_params(checkpoint.phase_dir(str(tmp_path), 'teacher'),
+                                            abstract)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
+  run.writer.close()
