@@ -64,11 +64,15 @@ def user_errors():
   from gdistill.config_validation import ConfigError
   from gdistill.data import DataError
   from gdistill.loop import TrainingDiverged
+  from gdistill.preemption import EXIT_PREEMPTED, Preempted
   from gdistill.workdir import WorkdirError
   try:
     yield
   except (ConfigError, DataError, CheckpointError, WorkdirError, TrainingDiverged) as e:
     fail(str(e))
+  except Preempted as e:  # not an error: the run resumes from its checkpoint
+    print(f'gdistill: {e}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import checkpoint, sharding, xla_options
+from gdistill import checkpoint, preemption, sharding, xla_options
 from gdistill.data import global_batch
 from gdistill.metric_writer import MetricWriter, Progress, log
 from gdistill.train_state import TrainState
@@ -215,7 +215,22 @@ class _Metrics:
 
 def run_phase(phase: Phase, ctx: LoopContext):
   """Runs (or resumes, or just loads) a phase to ``num_steps``; returns its final
-  sampling parameters (the EMA if kept)."""
+  sampling parameters (the EMA if kept).
+
+  A SIGTERM or SIGINT from its start to its end stops it cleanly (``preemption``):
+  during the steps, with a checkpoint of the step reached; before or after them, once
+  what is being saved is durable.
+  """
+  with preemption.StopRequests() as stop:
+    params = _run_phase(phase, ctx, stop)
+    if stop.signal_name is not None:  # arrived after the last step: all is saved
+      raise preemption.Preempted(f'{phase.name}: stopped by {stop.signal_name} after its '
+                                 f'last step ({phase.num_steps}, saved): rerun the same '
+                                 f'command to continue')
+  return params
+
+
+def _run_phase(phase: Phase, ctx: LoopContext, stop: preemption.StopRequests):
   mgr = checkpoint.manager(checkpoint.phase_dir(ctx.workdir, phase.name),
                            max_to_keep=ctx.max_to_keep)
   latest = mgr.latest_step()
@@ -231,7 +246,7 @@ def run_phase(phase: Phase, ctx: LoopContext):
       phase.on_done(params)  # idempotent: it skips outputs that exist
     return params
   try:
-    state = _train(phase, ctx, mgr)
+    state = _train(phase, ctx, mgr, stop)
   finally:  # an error (divergence, a full disk) still lets the saves before it finish
     mgr.wait_until_finished()
     mgr.close()
@@ -241,11 +256,14 @@ def run_phase(phase: Phase, ctx: LoopContext):
   return params
 
 
-def _train(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
-  """The steps from the phase's latest checkpoint to its end; its final state."""
+def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests) -> TrainState:
+  """The steps from the phase's latest checkpoint to its end; its final state.
+
+  Raises ``preemption.Preempted`` after saving the step reached when a stop was
+  requested (SIGTERM, SIGINT), ``TrainingDiverged`` before saving anything non-finite.
+  """
   state = build_state(phase, ctx, mgr)
   step = int(state.step)
-
   batch_sh = sharding.batch_sharding(ctx.mesh)
   rng = jax.device_put(phase_rng(ctx.seed, phase.name), sharding.replicated(ctx.mesh))
   get_batch = lambda s: global_batch(ctx.source, seed=ctx.seed, step=s,
@@ -260,25 +278,32 @@ def _train(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
     state, step_metrics = update(state, phase.frozen, batch, rng)
     step += 1
     metrics.add(step, step_metrics)
-    if step < phase.num_steps:
+    last = step == phase.num_steps
+    if not last:
       batch = get_batch(step)  # host work overlaps the device steps in flight
     if progress._t0 is None:  # the rate counts from the end of the first step
       jax.block_until_ready(step_metrics)
       progress.start(step)
-    last = step == phase.num_steps
     if step % ctx.log_every == 0 or last:
       metrics.fetch()
       mean = metrics.mean()
       rate = progress.rate(step)  # NaN until a step after the first (compiling) one
       ctx.writer.scalars(step, {f'{phase.name}/{k}': v for k, v in mean.items()}
-                         | ({f'{phase.name}/steps_per_s': rate} if math.isfinite(rate) else {}))
+                         | ({f'{phase.name}/steps_per_s': rate} if math.isfinite(rate)
+                            else {}))
       log(progress.line(step, mean))
+    stopping = not last and stop.reached(step)
     if last:
       checkpoint.save_final(mgr, step, state, phase.meta,
                             keep_train_state=ctx.keep_train_state)
-    elif step % phase.checkpoint_every == 0:
+    elif step % phase.checkpoint_every == 0 or stopping:
       metrics.fetch()  # never a checkpoint of non-finite parameters
       checkpoint.save(mgr, step, state, phase.meta)
+    if stopping:
+      mgr.wait_until_finished()
+      raise preemption.Preempted(
+          f'{phase.name}: stopped by {stop.signal_name} at step {step} of '
+          f'{phase.num_steps}; its checkpoint is saved: rerun the same command to resume')
     if phase.track is not None and (last or (
         phase.track_every and step % phase.track_every == 0)):
       progress.exclude(track(phase, ctx, step, state))

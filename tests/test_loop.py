@@ -4,13 +4,17 @@ phase longer, divergence (nothing non-finite is ever saved)."""
 import copy
 import dataclasses
 import os
+import re
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gdistill import checkpoint, loop, train
+from gdistill import checkpoint, loop, preemption, train
 from tests.test_pipeline import _smoke_config
 
 
@@ -36,9 +40,9 @@ def _in(run, path, **ctx):
   return out
 
 
-def _teacher(run, num_steps):
+def _teacher(run, num_steps, checkpoint_every=2):
   phase = run.builder.build(run.plan['teacher'])
-  return dataclasses.replace(phase, num_steps=num_steps, checkpoint_every=2)
+  return dataclasses.replace(phase, num_steps=num_steps, checkpoint_every=checkpoint_every)
 
 
 def _steps(path):
@@ -84,3 +88,36 @@ def test_diverging_phase_stops_and_saves_nothing_non_finite(tmp_path, fashion_da
                                             abstract)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
   run.writer.close()
+
+
+def _signal_when_started(path, signum):
+  """Sends ``signum`` to this process once the teacher phase has started (its
+  checkpoint directory exists: the step is still compiling)."""
+  def wait():
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+      if os.path.isdir(checkpoint.phase_dir(str(path), 'teacher')):
+        os.kill(os.getpid(), signum)
+        return
+      time.sleep(0.01)
+  thread = threading.Thread(target=wait, daemon=True)
+  thread.start()
+  return thread
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_the_step_reached_and_resume_matches(smoke, tmp_path, signum):
+  """SIGTERM / SIGINT: the step in flight finishes, its checkpoint is written, the
+  phase raises Preempted; resuming gives the uninterrupted run's parameters exactly."""
+  once = _in(smoke, tmp_path / 'once')
+  want = loop.run_phase(_teacher(once, 6, checkpoint_every=100), once.ctx)
+  run = _in(smoke, tmp_path / 'stopped')
+  thread = _signal_when_started(tmp_path / 'stopped', signum)
+  with pytest.raises(preemption.Preempted, match=r'teacher: stopped by SIG\w+ at step (\d+)') as e:
+    loop.run_phase(_teacher(run, 6, checkpoint_every=100), run.ctx)
+  thread.join()
+  stopped_at = int(re.search(r'at step (\d+)', str(e.value)).group(1))
+  assert _steps(tmp_path / 'stopped') == [stopped_at] and stopped_at < 6
+  assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # restored
+  got = loop.run_phase(_teacher(run, 6, checkpoint_every=100), run.ctx)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
