@@ -335,7 +335,7 @@ class StepFn:
   frozen: Any
 
   def build_state(self, mesh, strategy):
-    """Born sharded, as loop.build_state does."""
+    """Born sharded, as loop.init_state does."""
     abstract = jax.eval_shape(self.init_fn, self.frozen)
     shardings = sharding.state_shardings(abstract, mesh, strategy)
     return jax.jit(self.init_fn, out_shardings=shardings)(self.frozen)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -81,21 +83,85 @@ def latest_complete(directory: str) -> Optional[int]:
   return manager(directory, create=False).latest_step()
 
 
-def load_eval_params(directory: str, abstract_params, *, expect: Optional[dict] = None):
-  """Loads the sampling parameters (EMA if kept) of the latest checkpoint in ``directory``.
+def _reason(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'
+
+
+def newest_readable(directory: str, load: Callable[[int], Any], steps=None,
+                    *, set_aside: bool = False) -> tuple[Optional[int], Any]:
+  """``(step, load(step))`` for the newest checkpoint in ``directory`` that loads.
+
+  A checkpoint that fails to load (a truncated or corrupted file) is skipped with a
+  warning naming it and the one used instead; with ``set_aside`` (the phase's own
+  writer) it is renamed ``broken.STEP.TIME``, kept for inspection but out of the way of
+  the steps that will be saved again. A ``CheckpointError`` from ``load`` (the checkpoint
+  is readable but does not fit) is raised as it is.
+
+  Returns:
+    ``(None, None)`` when ``directory`` holds no checkpoint.
+  Raises:
+    CheckpointError: every checkpoint there is unreadable (one line naming the directory).
+  """
+  if steps is None:
+    steps = manager(directory, create=False).all_steps() if os.path.isdir(directory) else []
+  broken = []
+  for step in sorted(steps, reverse=True):
+    try:
+      value = load(step)
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      broken.append((step, e))
+      continue
+    if broken:
+      moved = ''
+      if set_aside:
+        moved = ' (moved aside as ' + ', '.join(_set_aside(directory, b) for b, _ in broken) + ')'
+      logging.warning('checkpoint %s: step %s is unreadable (%s); using step %d instead%s',
+                      directory, ', '.join(str(b) for b, _ in broken), _reason(broken[0][1]),
+                      step, moved)
+    return step, value
+  if broken:
+    raise CheckpointError(
+        f'checkpoint {directory}: no readable checkpoint (steps '
+        f'{", ".join(str(b) for b, _ in broken)}; step {broken[0][0]}: {_reason(broken[0][1])}): '
+        f'remove the broken step directories to train that phase again')
+  return None, None
+
+
+def _set_aside(directory: str, step: int) -> str:
+  name = f'broken.{step}.{time.strftime("%Y%m%dT%H%M%S")}'
+  if jax.process_index() == 0:
+    os.replace(os.path.join(directory, str(step)), os.path.join(directory, name))
+  return name
+
+
+def load_eval_params(directory: str, abstract_params, *, expect: Optional[dict] = None,
+                     step: Optional[int] = None):
+  """Loads the sampling parameters (EMA if kept) of a checkpoint in ``directory``: ``step``,
+  else the newest readable one (a broken newest one is skipped with a warning).
 
   Args:
     directory: a phase directory (``.../checkpoints/teacher``).
     abstract_params: ``jax.ShapeDtypeStruct`` tree (with shardings) the parameters must fit.
     expect: meta entries that must match (e.g. the model section); a mismatch
       raises CheckpointError naming the path, the key and both values.
+    step: the step to load (its failure is raised as it is).
   Returns:
     (params, meta).
   """
-  step = latest_complete(directory)
-  if step is None:
+  load = lambda s: _load_eval_params(directory, s, abstract_params, expect)
+  if step is not None:
+    return load(step)
+  found, value = newest_readable(directory, load)
+  if found is None:
     raise CheckpointError(f'checkpoint {directory}: no checkpoint found there '
                           f'(expected a phase directory such as WORKDIR/checkpoints/teacher)')
+  return value
+
+
+def _load_eval_params(directory, step, abstract_params, expect):
   meta = read_meta(directory, step)
   for key, want in (expect or {}).items():
     have = meta.get(key)

@@ -12,6 +12,7 @@ accelerators the CPU devices are unused, so this is harmless.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 
@@ -55,6 +56,28 @@ def parse_flags(argv):
     fail(f'bad --config override: {msg} (check the key against the config file)')
   except FileNotFoundError as e:
     fail(f'config file not found: {e.filename}')
+  except OSError as e:  # ml_collections wraps a missing or broken config file so
+    _config_file_error(e)
+
+
+def _config_file_error(error: Exception):
+  given = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')]
+  path = given[-1].split(':', 1)[0] if given else '?'
+  reason = 'not found' if given and not os.path.isfile(path) else f'not loadable ({error})'
+  fail(f'--config={path}: config file {reason}; expected a Python file with get_config(), '
+       f'e.g. configs/fashion_mnist.py')
+
+
+def config_value(config_flag):
+  """The config of a ``DEFINE_config_file`` flag, loaded now: a missing or broken file is
+  one line (ml_collections loads it on first use, with an OSError traceback)."""
+  try:
+    config = config_flag.value
+    if config is not None:
+      config.keys()
+    return config
+  except OSError as e:
+    _config_file_error(e)
 
 
 @contextlib.contextmanager
@@ -73,6 +96,37 @@ def user_errors():
   except Preempted as e:  # not an error: the run resumes from its checkpoint
     print(f'gdistill: {e}', file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = write_failure(e)
+    if reason is None:
+      raise
+    fail(f'cannot write: {reason}; what was saved before is intact: free space there (or '
+         f'make it writable) and rerun the same command')
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.ENOTDIR, errno.EISDIR)
+_WRITE_MARKERS = ('No space left on device', 'Disk quota exceeded', 'Read-only file system',
+                  'Permission denied', 'Not a directory')
+
+
+def write_failure(error: BaseException):
+  """A one-line reason when ``error`` (or what caused it) is a failed write to the disk
+  (full, read-only, not permitted, a file where a directory should be), else None.
+  Orbax and TensorStore report such failures in their own exception types; the OS
+  error's text is in their message."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+      return f'{error.strerror}: {error.filename}' if error.filename else error.strerror
+    text = str(error)
+    for marker in _WRITE_MARKERS:
+      if marker in text:
+        line = next(l for l in text.splitlines() if marker in l).strip()
+        return line if len(line) <= 400 else line[:400] + '...'
+    error = error.__cause__ or error.__context__
+  return None
 
 
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'

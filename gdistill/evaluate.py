@@ -74,7 +74,7 @@ def main(argv):
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     _cli.fail(f'--workdir={workdir}: no checkpoints there; train first with '
               f'python -m gdistill.main --config=... --workdir={workdir}')
-  config = _CONFIG.value
+  config = _cli.config_value(_CONFIG)
   from gdistill import config_validation  # pylint: disable=g-import-not-at-top
   with _cli.user_errors():
     config_validation.validate_eval(config)  # before the data and models load
@@ -86,10 +86,12 @@ def main(argv):
           f'settings of that file', flush=True)
   _cli.maybe_initialize_distributed(config)
   from gdistill.eval import sweep  # pylint: disable=g-import-not-at-top
+  from gdistill import workdir_lock  # pylint: disable=g-import-not-at-top
   from gdistill.run_setup import open_run  # pylint: disable=g-import-not-at-top
   with _cli.user_errors():
     setup = open_run(config, workdir)
-    sweep.run_sweep(config, setup.store, train_source=setup.source)
+    with workdir_lock.held(setup.workdir, 'gdistill.evaluate'):
+      sweep.run_sweep(config, setup.store, train_source=setup.source)
 
 
 if __name__ == '__main__':

@@ -63,6 +63,10 @@ def _read_npz(path: str, image_shape, flag: str) -> np.ndarray:
   if x.dtype == np.uint8:
     x = _from_uint8(x)
   elif np.issubdtype(x.dtype, np.floating):
+    if not np.isfinite(x).all():
+      bad = int(np.size(x) - np.isfinite(x).sum())
+      raise ValueError(f'{flag}={path}: {bad} image values are NaN or infinite, expected '
+                       f'finite values in [-1, 1] (or store uint8)')
     if x.size and (x.min() < -1.01 or x.max() > 1.01):
       raise ValueError(f'{flag}={path}: float images range over [{x.min():.3g}, {x.max():.3g}],'
                        f' expected [-1, 1] (or store uint8)')

@@ -94,30 +94,33 @@ def _abstract_state(phase: Phase, ctx: LoopContext):
                                   sharding.state_shardings(abstract, ctx.mesh, ctx.strategy))
 
 
-def build_state(phase: Phase, ctx: LoopContext, mgr) -> TrainState:
-  """Restores the latest checkpoint of the phase, or initialises (born sharded)."""
+def latest_state(phase: Phase, ctx: LoopContext, mgr):
+  """``(step, what)`` of the phase's newest readable checkpoint (broken newer ones are set
+  aside with a warning): ``what`` is the sampling parameters when that step finished the
+  phase, else the train state to resume (``(None, None)``: no checkpoint yet)."""
   abstract = _abstract_state(phase, ctx)
-  latest = mgr.latest_step()
-  if latest is not None:
-    if checkpoint.read_meta(mgr.directory, latest).get('lean'):
-      raise checkpoint.CheckpointError(
-          f'{phase.name}: finished at step {latest} keeping only its sampling parameters '
-          f'({mgr.directory}), so it cannot be trained to num_steps={phase.num_steps}: train '
-          f'longer in a new workdir, with --config.checkpoint.keep_train_state=True')
-    state = checkpoint.restore(mgr, latest, abstract)
-    log(f'{phase.name}: resumed from step {int(state.step)}')
-    return state
-  return jax.jit(phase.init_fn, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(
-      phase.frozen)
-
-
-def load_finished(phase: Phase, ctx: LoopContext):
-  """The sampling parameters of a finished phase (lean or full checkpoint)."""
-  abstract = _abstract_state(phase, ctx)
+  directory = checkpoint.phase_dir(ctx.workdir, phase.name)
   which = 'ema_params' if abstract.ema_params is not None else 'params'
-  params, _ = checkpoint.load_eval_params(checkpoint.phase_dir(ctx.workdir, phase.name),
-                                          getattr(abstract, which))
-  return params
+
+  def load(step):
+    if step >= phase.num_steps:
+      return checkpoint.load_eval_params(directory, getattr(abstract, which), step=step)[0]
+    if checkpoint.read_meta(directory, step).get('lean'):
+      raise checkpoint.CheckpointError(
+          f'{phase.name}: finished at step {step} keeping only its sampling parameters '
+          f'({directory}), so it cannot be trained to num_steps={phase.num_steps}: train '
+          f'longer in a new workdir, with --config.checkpoint.keep_train_state=True')
+    return checkpoint.restore(mgr, step, abstract)
+
+  step, what = checkpoint.newest_readable(directory, load, mgr.all_steps(), set_aside=True)
+  mgr.reload()
+  return step, what
+
+
+def init_state(phase: Phase, ctx: LoopContext) -> TrainState:
+  """The phase's initial state, born sharded."""
+  shardings = jax.tree.map(lambda a: a.sharding, _abstract_state(phase, ctx))
+  return jax.jit(phase.init_fn, out_shardings=shardings)(phase.frozen)
 
 
 _COMPILED = {}
@@ -233,36 +236,37 @@ def run_phase(phase: Phase, ctx: LoopContext):
 def _run_phase(phase: Phase, ctx: LoopContext, stop: preemption.StopRequests):
   mgr = checkpoint.manager(checkpoint.phase_dir(ctx.workdir, phase.name),
                            max_to_keep=ctx.max_to_keep)
-  latest = mgr.latest_step()
-  if latest is not None and latest >= phase.num_steps:
-    if checkpoint.read_meta(mgr.directory, latest).get('lean'):
-      for other in mgr.all_steps():  # left by a run stopped while it was pruning
-        if other != latest:
-          mgr.delete(other)
-    mgr.close()
-    log(f'{phase.name}: already finished ({latest} steps)')
-    params = load_finished(phase, ctx)
-    if phase.on_done is not None:
-      phase.on_done(params)  # idempotent: it skips outputs that exist
-    return params
   try:
-    state = _train(phase, ctx, mgr, stop)
+    step, what = latest_state(phase, ctx, mgr)
+    if step is not None and step >= phase.num_steps:
+      if checkpoint.read_meta(mgr.directory, step).get('lean'):
+        for other in mgr.all_steps():  # left by a run stopped while it was pruning
+          if other != step:
+            mgr.delete(other)
+      log(f'{phase.name}: already finished ({step} steps)')
+      params = what
+    else:
+      if step is None:
+        state = init_state(phase, ctx)
+      else:
+        state = what
+        log(f'{phase.name}: resumed from step {step}')
+      params = _train(phase, ctx, mgr, stop, state).eval_params
   finally:  # an error (divergence, a full disk) still lets the saves before it finish
     mgr.wait_until_finished()
     mgr.close()
-  params = state.eval_params
   if phase.on_done is not None:
-    phase.on_done(params)
+    phase.on_done(params)  # idempotent: it skips outputs that exist
   return params
 
 
-def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests) -> TrainState:
-  """The steps from the phase's latest checkpoint to its end; its final state.
+def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
+           state: TrainState) -> TrainState:
+  """The steps from ``state`` to the phase's end; its final state.
 
   Raises ``preemption.Preempted`` after saving the step reached when a stop was
   requested (SIGTERM, SIGINT), ``TrainingDiverged`` before saving anything non-finite.
   """
-  state = build_state(phase, ctx, mgr)
   step = int(state.step)
   batch_sh = sharding.batch_sharding(ctx.mesh)
   rng = jax.device_put(phase_rng(ctx.seed, phase.name), sharding.replicated(ctx.mesh))

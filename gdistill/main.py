@@ -21,10 +21,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samp
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _WORKDIR.value:
+  config = _cli.config_value(_CONFIG)
+  if config is None or not _WORKDIR.value:
     _cli.fail('--config and --workdir are required, e.g. '
               '--config=configs/fashion_mnist.py --workdir=runs/fashion_mnist')
-  config = _CONFIG.value
   _cli.maybe_initialize_distributed(config)
   from gdistill.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   with _cli.user_errors():

@@ -30,6 +30,7 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 class Progress:

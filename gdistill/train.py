@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from gdistill import compiled_samplers, run_plan, sharding
+from gdistill import compiled_samplers, run_plan, sharding, workdir_lock
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, run_phase
 from gdistill.metric_writer import MetricWriter, log
@@ -35,6 +35,9 @@ class Run:
     self.workdir, self.mesh, self.source, self.store = (setup.workdir, setup.mesh, setup.source,
                                                         setup.store)
     self.plan = self.store.plan
+    # One writer per workdir: refused here, before anything is written, if another runs.
+    self._lock = (workdir_lock.acquire(self.workdir, 'gdistill.main')
+                  if jax.process_index() == 0 else None)
     self.writer = MetricWriter(self.workdir)
     self.ctx = LoopContext(workdir=self.workdir, mesh=self.mesh, source=self.source,
                            seed=config.seed, strategy=config.sharding, writer=self.writer,
@@ -143,8 +146,15 @@ class Run:
           train(spec)
       from gdistill import translation  # pylint: disable=g-import-not-at-top
       translation.run_stage(self.config, self.workdir)
-    self.writer.close()
+    self.close()
     log(f'done: {self.workdir}')
+
+  def close(self):
+    """Flushes the logs and lets another command write to the workdir."""
+    self.writer.close()
+    if self._lock is not None:
+      workdir_lock.release(self._lock)
+      self._lock = None
 
   def train_phase(self, spec: run_plan.PhaseSpec, teacher_params):
     """Trains (or resumes, or loads the finished) phase; its sampling parameters."""
@@ -158,4 +168,8 @@ class Run:
 
 
 def train_and_evaluate(config, workdir: str) -> None:
-  Run(config, workdir).run()
+  run = Run(config, workdir)
+  try:
+    run.run()
+  finally:
+    run.close()

@@ -63,6 +63,9 @@ def check_and_record_config(config, workdir: str) -> None:
 
 def check_config(config, workdir: str) -> None:
   """Raises WorkdirError if ``workdir`` holds a run of an incompatible config."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, expected a directory (new, or the '
+                       f'workdir of a gdistill run)')
   path = os.path.join(workdir, CONFIG_FILE)
   new = _flatten(config.to_dict())
   if os.path.exists(path):

@@ -220,7 +220,7 @@ def _rows():
 def test_claims_compare_students_with_the_teacher_and_its_ddim():
   claims = report.claims(_rows())
   at0 = [c for c in claims if c['w'] == 0.0]
-  by_claim = {(c['claim'].split(' ')[0], c['student']): c for c in at0}
+  by_claim = {(c['claim'].split(' ')[0], c['student']): c for c in at0 if 'FID within' in c['claim']}
   eight = by_claim[('8-step', 'ddim 8 steps')]
   assert eight['passed'] and eight['reference'] == 10.0 and eight['target'] == pytest.approx(11.0)
   four = by_claim[('4-step', 'ddim 4 steps')]
@@ -229,6 +229,24 @@ def test_claims_compare_students_with_the_teacher_and_its_ddim():
   assert nfe['ddim 8 steps']['reference'] == 40.0 and nfe['ddim 8 steps']['passed']
   assert not nfe['ddim 2 steps']['passed']  # 250 vs the teacher's 1-step DDIM 200
   assert 'ddim 1 step' not in nfe  # NaN FID: no claim either way
+  assert not any('floor' in c['claim'] for c in claims)  # no floor given
+
+
+def test_claims_check_the_teacher_against_the_floor_and_precision_recall():
+  rows = _rows()
+  rows[3] = dict(_row('student', 8, 'ddim', 0.0, 10.5), precision=0.76, recall=0.52)
+  floor = {'fid': 3.0, 'num_samples': 100}
+  claims = [c for c in report.claims(rows, floor) if c['w'] == 0.0]
+  teacher = next(c for c in claims if 'floor' in c['claim'])
+  assert not teacher['passed'] and teacher['target'] == pytest.approx(9.0)  # 10 > 3 x 3
+  assert next(c for c in report.claims(rows, {'fid': 4.0, 'num_samples': 100})
+              if 'floor' in c['claim'])['passed']
+  assert not any('floor' in c['claim'] for c in report.claims(rows, {'fid': 3.0,
+                                                                     'num_samples': 50}))
+  pr = {c['claim'].split(' ')[0] + ' ' + c['claim'].split(' ')[2]: c for c in claims
+        if 'within 0.05' in c['claim']}
+  assert not pr['8-step precision']['passed']  # 0.76 vs the teacher's 0.70
+  assert pr['8-step recall']['passed'] and pr['4-step precision']['passed']
 
 
 def test_report_files_and_plots(tmp_path):

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,6 +120,23 @@ def test_bad_config_is_one_line_error(case, tmp_path, fashion_data_dir):
   assert not os.path.exists(workdir)
 
 
+def test_missing_config_file_is_one_line_error(tmp_path):
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, '-m', 'gdistill.main', '--config=configs/nope.py', f'--workdir={workdir}']
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=ERROR_TIMEOUT_S)
+  _assert_one_line_error(proc, '--config=configs/nope.py', 'not found')
+  assert not os.path.exists(workdir)
+
+
+def test_workdir_that_is_a_file_is_one_line_error(tmp_path, fashion_data_dir):
+  path = tmp_path / 'run'
+  path.write_text('not a directory')
+  proc = _run(str(path), fashion_data_dir)
+  _assert_one_line_error(proc, str(path), 'is a file')
+  assert path.read_text() == 'not a directory'
+
+
 def test_dataset_unavailable_offline(tmp_path):
   empty = tmp_path / 'empty_tfds'
   empty.mkdir()
@@ -155,6 +173,25 @@ def test_workdir_with_checkpoints_but_no_config_is_refused(tmp_path, fashion_dat
   assert _tree_hash(str(workdir)) == before
 
 
+def test_workdir_in_use_is_refused_naming_the_holder(tmp_path, fashion_data_dir):
+  """A second writer on a workdir whose run is alive: one line naming host, pid, since."""
+  from gdistill.workdir_lock import LOCK_FILE  # pylint: disable=g-import-not-at-top
+  workdir = _record_smoke_workdir(tmp_path / 'run')
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])
+  try:
+    with open(os.path.join(workdir, LOCK_FILE), 'w') as f:
+      json.dump({'host': socket.gethostname(), 'pid': holder.pid, 'command': 'gdistill.main',
+                 'since': '2026-11-30 10:00:00 UTC'}, f)
+    before = _tree_hash(workdir)
+    proc = _run(workdir, fashion_data_dir)
+    _assert_one_line_error(proc, 'in use', str(holder.pid), socket.gethostname(),
+                           '2026-11-30 10:00:00')
+    assert _tree_hash(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+
+
 @pytest.fixture(scope='module')
 def smoke_teacher_workdir(tmp_path_factory, fashion_data_dir):
   """A workdir holding a smoke teacher checkpoint, written as the loop writes it
@@ -171,7 +208,7 @@ def smoke_teacher_workdir(tmp_path_factory, fashion_data_dir):
   checkpoint.save(mgr, config.teacher.num_steps, state, phase.meta)
   mgr.wait_until_finished()
   mgr.close()
-  run.writer.close()
+  run.close()
   return path
 
 
@@ -389,5 +426,38 @@ def test_resume_after_five_sigkills_matches_uninterrupted_run(smoke_run, fashion
     else:
       ready = lambda p=phase, s=step: _has_checkpoint(workdir, p, s)
     _run_and_kill(workdir, fashion_data_dir, ready, f'{phase} step {step}')
+  _finish(workdir, fashion_data_dir)
+  _assert_same_final_params(workdir, smoke_run['workdir'])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 5 MB filesystem of its own (tmpfs; needs root), unmounted afterwards."""
+  mount = tmp_path / 'small'
+  mount.mkdir()
+  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=5M', 'tmpfs', str(mount)],
+                        capture_output=True, text=True)
+  if proc.returncode:
+    pytest.skip(f'cannot mount a 5 MB tmpfs here: {proc.stderr.strip()}')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_error_and_the_run_resumes_once_there_is_space(
+    small_disk, smoke_run, fashion_data_dir):
+  """The disk fills mid-run: one line naming the failure, exit non-zero, the checkpoints
+  already written stay loadable: with space again the same command finishes the run
+  with the uninterrupted run's parameters."""
+  workdir = str(small_disk / 'run')
+  filler = small_disk / 'filler'
+  with open(filler, 'wb') as f:  # leave about 1.5 MB: the teacher fits, stage 1 does not
+    f.write(b'\0' * int(3.5 * 2**20))
+  proc = _run(workdir, fashion_data_dir, timeout=RUN_TIMEOUT_S)
+  line = _assert_one_line_error(proc, 'cannot write', 'No space left on device')
+  assert 'Traceback' not in proc.stderr and 'Event loop is closed' not in proc.stderr, line
+  filler.unlink()
   _finish(workdir, fashion_data_dir)
   _assert_same_final_params(workdir, smoke_run['workdir'])

@@ -41,7 +41,7 @@ def _optimizer():
 
 
 def _place(state, teacher, mesh, strategy):
-  """The state and teacher laid out as build_state lays them; the batch split."""
+  """The state and teacher laid out as loop.init_state lays them; the batch split."""
   state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, strategy)
   # Through host memory: fresh buffers, so donating them never deletes a fixture's arrays.
   state = jax.device_put(jax.device_get(state), state_sh)

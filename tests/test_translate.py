@@ -274,6 +274,20 @@ def test_image_io_round_trips(tmp_path):
     image_io.read_images(bad, (28, 28, 1))
 
 
+@pytest.mark.parametrize('value, fragment', [(np.nan, 'NaN or infinite'),
+                                             (np.inf, 'NaN or infinite'),
+                                             (3.0, 'range over')])
+def test_npz_images_with_bad_values_are_refused(tmp_path, value, fragment):
+  from gdistill import image_io  # pylint: disable=g-import-not-at-top
+  x = np.zeros((2, 28, 28, 1), np.float32)
+  x[1, 3, 4, 0] = value
+  path = str(tmp_path / 'x.npz')
+  np.savez(path, image=x)
+  with pytest.raises(ValueError, match=rf'^--input={path}: .*{fragment}') as e:
+    image_io.read_images(path, (28, 28, 1))
+  assert '\n' not in str(e.value)
+
+
 # ---- the command line and the pipeline stage -----------------------------------------------
 
 REPO = smoke_workdir.REPO

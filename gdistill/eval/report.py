@@ -22,6 +22,8 @@ MODEL_ORDER = {'teacher': 0, 'teacher_ddim': 1, 'student': 2}
 # The paper's claims (METHOD.md section 7) as targets: student steps -> allowed FID excess
 # over the guided-DDIM teacher at its largest step count.
 CLAIM_TOLERANCE = {8: 0.10, 4: 0.25}
+FLOOR_FACTOR = 3.0  # the reference teacher's FID at most this many times the floor's
+PR_TOLERANCE = 0.05  # the 8- and 4-step students' precision and recall against the teacher
 NOT_COMPARABLE = ('FID and IS below are computed in the feature space of gdistill\'s own '
                   'classifier, not Inception-v3: they rank settings of this dataset against '
                   'each other and against the floor, and are not comparable to Inception '
@@ -104,11 +106,15 @@ def _sort_key(r: dict):
   return (r['w'], MODEL_ORDER.get(r['model'], 9), r['sampler'], r['nfe'])
 
 
-def claims(rows: list[dict]) -> list[dict]:
+def claims(rows: list[dict], floor: Optional[dict] = None) -> list[dict]:
   """The paper's claims checked on the rows, per w (METHOD.md section 7).
 
+  * the teacher (the guided-DDIM row with most steps) within ``FLOOR_FACTOR`` times the
+    real-data floor's FID, when the floor was measured with as many images as a row:
+    the teacher is good enough for "the student matches it" to mean something;
   * an 8-step student (best of its samplers) within 10% of the teacher's FID, a
-    4-step one within 25%; the teacher is the guided-DDIM row with most steps;
+    4-step one within 25%, and their precision and recall within ``PR_TOLERANCE`` of
+    the teacher's;
   * every student row better than the teacher's guided DDIM at the same NFE.
   """
   out = []
@@ -118,17 +124,35 @@ def claims(rows: list[dict]) -> list[dict]:
     students = [r for r in rs if r['model'] == 'student']
     if teachers:
       ref = max(teachers, key=lambda r: r['steps'])
+      teacher_name = f'{_steps(ref["steps"])}, NFE {ref["nfe"]}'
+      if floor and _finite(floor.get('fid')) is not None and \
+          floor.get('num_samples') == ref.get('num_samples'):
+        out.append({'w': w, 'claim': f'teacher ({teacher_name}) FID within {FLOOR_FACTOR:g}x '
+                                     f'the real-data floor ({floor["num_samples"]} images)',
+                    'student': '-', 'value': ref['fid'], 'reference': floor['fid'],
+                    'target': FLOOR_FACTOR * floor['fid'],
+                    'passed': ref['fid'] <= FLOOR_FACTOR * floor['fid']})
       for steps, tol in sorted(CLAIM_TOLERANCE.items(), reverse=True):
         cands = [r for r in students if r['steps'] == steps]
         if not cands:
           continue
         best = min(cands, key=lambda r: r['fid'])
         target = ref['fid'] * (1 + tol)
+        student = f'{best["sampler"]} {_steps(best["steps"])}'
         out.append({'w': w, 'claim': f'{steps}-step student FID within {tol:.0%} of the '
-                                     f'teacher ({_steps(ref["steps"])}, NFE {ref["nfe"]})',
-                    'student': f'{best["sampler"]} {_steps(best["steps"])}',
+                                     f'teacher ({teacher_name})',
+                    'student': student,
                     'value': best['fid'], 'reference': ref['fid'], 'target': target,
                     'passed': best['fid'] <= target})
+        for metric in ('precision', 'recall'):
+          have, want = _finite(best.get(metric)), _finite(ref.get(metric))
+          if have is None or want is None:
+            continue
+          out.append({'w': w, 'claim': f'{steps}-step student {metric} within '
+                                       f'{PR_TOLERANCE:g} of the teacher\'s',
+                      'student': student, 'value': have, 'reference': want,
+                      'target': f'{want - PR_TOLERANCE:.3f}..{want + PR_TOLERANCE:.3f}',
+                      'passed': abs(have - want) <= PR_TOLERANCE})
     baselines = {r['nfe']: r for r in rs if r['model'] in ('teacher', 'teacher_ddim')}
     for r in sorted(students, key=lambda r: (r['nfe'], r['sampler'])):
       b = baselines.get(r['nfe'])
@@ -144,7 +168,7 @@ def claims(rows: list[dict]) -> list[dict]:
 
 def build(*, protocol: dict, floor: dict, rows: list[dict]) -> dict:
   rows = sorted(rows, key=_sort_key)
-  return {'protocol': protocol, 'floor': floor, 'claims': claims(rows), 'rows': rows}
+  return {'protocol': protocol, 'floor': floor, 'claims': claims(rows, floor), 'rows': rows}
 
 
 def _clean(x):
@@ -193,11 +217,12 @@ def markdown(rep: dict) -> str:
             f'{_fmt(floor["precision"])} | {_fmt(floor["recall"])} |']
   if rep['claims']:
     lines += ['', '## The paper\'s claims as targets', '',
-              '| w | claim | student | FID | reference FID | target | result |',
+              '| w | claim | student | value | reference | target | result |',
               '|---|---|---|---|---|---|---|']
     for c in rep['claims']:
       lines.append(f'| {c["w"]:g} | {c["claim"]} | {c["student"]} | {_fmt(c["value"])} | '
-                   f'{_fmt(c["reference"])} | {_fmt(c["target"])} | '
+                   f'{_fmt(c["reference"])} | '
+                   f'{c["target"] if isinstance(c["target"], str) else _fmt(c["target"])} | '
                    f'{"pass" if c["passed"] else "FAIL"} |')
   for w in sorted({r['w'] for r in rep['rows']}):
     lines += ['', f'## w = {w:g}', '',
