@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sys
 
@@ -80,6 +81,27 @@ def config_value(config_flag):
     _config_file_error(e)
 
 
+class _BackgroundWriteFailures(logging.Filter):
+  """Keeps a failed background write (Orbax's save threads, asyncio futures left at exit)
+  to one log line without its traceback: the command reports it in one line itself."""
+
+  def filter(self, record):
+    if record.exc_info and record.exc_info[1] is not None and \
+        write_failure(record.exc_info[1]) is not None:
+      if record.name == 'asyncio':
+        return False  # "Future exception was never retrieved": already reported
+      record.exc_info, record.exc_text = None, None
+      record.msg = str(record.msg).splitlines()[0] if record.msg else record.msg
+    return True
+
+
+def _quiet_background_write_failures():
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _BackgroundWriteFailures) for f in logger.filters):
+      logger.addFilter(_BackgroundWriteFailures())
+
+
 @contextlib.contextmanager
 def user_errors():
   """Turns the errors a user can cause into one-line messages and exit code 2."""
@@ -89,6 +111,7 @@ def user_errors():
   from gdistill.loop import TrainingDiverged
   from gdistill.preemption import EXIT_PREEMPTED, Preempted
   from gdistill.workdir import WorkdirError
+  _quiet_background_write_failures()
   try:
     yield
   except (ConfigError, DataError, CheckpointError, WorkdirError, TrainingDiverged) as e:
