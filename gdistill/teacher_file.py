@@ -331,7 +331,7 @@ def load_step_params(directory: str, abstract_params, *, step: Optional[int] = N
     if _norm(meta.get(key)) != _norm(want):
       raise _fail(f'checkpoint {directory}: {key}={meta.get(key)} does not match this '
                   f'config\'s {key}={want}')
-  which = 'ema_params' if meta.get('has_ema') else 'params'
+  which = checkpoint.sampling_key(meta)
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=_restore_sharding(a),
                                                 global_shape=a.shape, dtype=a.dtype),
