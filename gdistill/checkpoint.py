@@ -59,6 +59,11 @@ def save_final(mgr: ocp.CheckpointManager, step: int, state, meta: dict, *,
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({key: getattr(state, key)}),
                                           meta=ocp.args.JsonSave(meta | {'lean': True})))
   mgr.wait_until_finished()
+  delete_other_steps(mgr, step)
+
+
+def delete_other_steps(mgr: ocp.CheckpointManager, step: int) -> None:
+  """Deletes every checkpoint of the manager's directory but ``step``."""
   for other in mgr.all_steps():
     if other != step:
       mgr.delete(other)

@@ -240,9 +240,7 @@ def _run_phase(phase: Phase, ctx: LoopContext, stop: preemption.StopRequests):
     step, what = latest_state(phase, ctx, mgr)
     if step is not None and step >= phase.num_steps:
       if checkpoint.read_meta(mgr.directory, step).get('lean'):
-        for other in mgr.all_steps():  # left by a run stopped while it was pruning
-          if other != step:
-            mgr.delete(other)
+        checkpoint.delete_other_steps(mgr, step)  # a run stopped while it was pruning
       log(f'{phase.name}: already finished ({step} steps)')
       params = what
     else:
