@@ -43,7 +43,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['gdistill', 'gdistill.*']),
     # The embedded default's trained teacher (gdistill/weights/, see configs/fashion_mnist.py).
-    package_data={'gdistill': ['weights/*.msgpack', 'weights/*.json']},
+    package_data={'gdistill': ['weights/*.msgpack', 'weights/*.json', 'weights/*.npz']},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license='Apache-2.0',

@@ -53,6 +53,11 @@ def get_config():
   #     --config.eval.teacher_steps='(64, 256)'        # 2x256 teacher at w=0,1: +1.02M evals
   #     --config.eval.w_values='(0., .3, 1., 2., 4.)'  # w=0.3 and 2 on cheap rows: +86k
   #     --config.eval.student_steps='()'               # the 16-step student too: +96k
+  # The feature network ships with gdistill (the classifier this config trains, saved once),
+  # so every machine scores in the same features, and so do the teacher's rows measured
+  # once with that file (gdistill.eval.teacher_rows; '' samples them: +~20 min here).
+  c.eval.update(classifier_path='gdistill/weights/fashion_mnist_classifier.npz',
+                teacher_rows='gdistill/weights/fashion_mnist_teacher_rows.json')
   c.eval.update(num_samples=1000, batch_size=200, w_values=(0.0, 1.0, 4.0),
                 teacher_steps=(64,), teacher_ddim_steps=(1, 2, 4, 8), student_steps=(1, 2, 4, 8),
                 expensive_nfe=8, expensive_w=(0.0, 1.0))

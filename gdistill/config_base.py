@@ -120,8 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
       expensive_nfe=0, expensive_w=(0.0, 1.0),
       # auto: gdistill's own classifier for fashion_mnist / mnist, Inception-v3 otherwise
       # (inception_weights: a local .pth or .npz). classifier_path '': DIR/eval/classifier.npz,
-      # trained there if absent; share one file between runs whose numbers must compare.
+      # trained there if absent; share one file between runs whose numbers must compare
+      # (a relative path is looked up in the working directory, then next to the package).
       feature_net='auto', inception_weights='', classifier_path='',
+      # A one-file teacher's rows measured once (gdistill.eval.teacher_rows): reused when
+      # made from this teacher file under this protocol, else sampled. '': always sampled.
+      teacher_rows='',
       classifier_steps=2400, classifier_batch_size=128, classifier_learning_rate=2e-3,
       reference_split='train', reference_examples=0,  # 0: the whole split, else its first N
       floor_split='',  # '': data.eval_split (held-out images: the FID floor)

@@ -199,7 +199,10 @@ def classifier_path(config, workdir: str) -> str:
   """Where the eval stage keeps its feature classifier (``gdistill.eval.features``)."""
   e = config.get('eval')
   custom = e.get('classifier_path', '') if e is not None else ''
-  return custom or os.path.join(workdir, 'eval', 'classifier.npz')
+  if custom:
+    from gdistill.model_store import resolve_path  # pylint: disable=g-import-not-at-top
+    return resolve_path(custom)
+  return os.path.join(workdir, 'eval', 'classifier.npz')
 
 
 def saved_classifier(config, workdir: str):

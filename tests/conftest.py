@@ -6,13 +6,24 @@ test module). Tests that do not need 8 devices build their meshes over
 ``jax.devices()[:1]`` explicitly.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 NUM_FAKE_DEVICES = 8
 _FLAG = f'--xla_force_host_platform_device_count={NUM_FAKE_DEVICES}'
 _flags = os.environ.get('XLA_FLAGS', '')
 if 'xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = f'{_flags} {_FLAG}'.strip()
+
+# One persistent compilation cache for the session, this process and the gdistill
+# processes the tests start (they inherit the environment): the suite compiles the same
+# smoke steps in many tests and processes, and a cache hit costs milliseconds.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='gdistill-test-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

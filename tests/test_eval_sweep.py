@@ -243,6 +243,8 @@ def test_claims_check_the_teacher_against_the_floor_and_precision_recall():
               if 'floor' in c['claim'])['passed']
   assert not any('floor' in c['claim'] for c in report.claims(rows, {'fid': 3.0,
                                                                      'num_samples': 50}))
+  # Only at w = 0: guidance raises FID against real data by design.
+  assert {c['w'] for c in report.claims(rows, floor) if 'floor' in c['claim']} == {0.0}
   pr = {c['claim'].split(' ')[0] + ' ' + c['claim'].split(' ')[2]: c for c in claims
         if 'within 0.05' in c['claim']}
   assert not pr['8-step precision']['passed']  # 0.76 vs the teacher's 0.70
@@ -374,3 +376,44 @@ def test_smoke_pipeline_eval_stage_then_extend_with_the_evaluate_command(tmp_pat
   for r in extended['rows']:
     if (r['model'], r['sampler'], r['steps'], r['w']) in old:
       assert r['fid'] == old[(r['model'], r['sampler'], r['steps'], r['w'])]
+
+
+def test_shipped_teacher_rows_fit_the_shipped_teacher_and_classifier():
+  """The rows shipped with the embedded default's teacher were measured for that very file
+  (sha256) in the features of the shipped classifier; re-exporting either without
+  re-measuring the rows would make the sweep silently sample them (or worse)."""
+  from gdistill.eval import classifier as classifier_lib, features, teacher_rows
+  weights = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'gdistill', 'weights')
+  with open(os.path.join(weights, 'fashion_mnist_teacher_rows.json')) as f:
+    shipped = json.load(f)
+  teacher = os.path.join(weights, 'fashion_mnist_teacher.msgpack')
+  assert shipped['teacher_sha256'] == teacher_rows.teacher_sha256(teacher)
+  params, _ = classifier_lib.load_classifier(os.path.join(weights,
+                                                          'fashion_mnist_classifier.npz'))
+  net_fp = f'classifier-{features._digest_tree(params)}'  # pylint: disable=protected-access
+  assert report.fingerprint(shipped['protocol'], net_fp) == shipped['fingerprint']
+  rows = teacher_rows.load_matching(os.path.join(weights, 'fashion_mnist_teacher_rows.json'),
+                                    fingerprint=shipped['fingerprint'],
+                                    sha256=shipped['teacher_sha256'])
+  assert {(r['model'], r['steps'], r['w']) for r in rows} >= {('teacher', 64, 0.0),
+                                                              ('teacher', 64, 1.0)}
+  assert all(r['source'].startswith('fashion_mnist_teacher_rows.json') for r in rows)
+  for wrong in (dict(fingerprint='0' * 16, sha256=shipped['teacher_sha256']),
+                dict(fingerprint=shipped['fingerprint'], sha256='0' * 64)):
+    assert teacher_rows.load_matching(
+        os.path.join(weights, 'fashion_mnist_teacher_rows.json'), **wrong) == []
+
+
+def test_teacher_rows_export_takes_only_sampled_teacher_rows(tmp_path):
+  from gdistill.eval import teacher_rows
+  rows = _rows() + [dict(_row('teacher', 8, 'ddim', 4.0, 1.0), source='elsewhere')]
+  rep = {'protocol': {'fingerprint': 'abc'}, 'rows': rows}
+  path = tmp_path / 'report.json'
+  path.write_text(json.dumps(rep))
+  weights = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'gdistill', 'weights')
+  out = tmp_path / 'rows.json'
+  data = teacher_rows.export(str(path), os.path.join(weights, 'fashion_mnist_teacher.msgpack'),
+                             str(out))
+  assert {r['model'] for r in data['rows']} == {'teacher', 'teacher_ddim'}
+  assert not any(r.get('source') for r in data['rows'])  # reused rows are not re-exported
+  assert json.loads(out.read_text())['fingerprint'] == 'abc'

@@ -27,6 +27,7 @@ from gdistill.data import open_source
 from gdistill.eval import features, metrics, plan, plots, report
 from gdistill.grids import save_grid
 from gdistill.metric_writer import log
+from gdistill.model_store import resolve_path
 
 EVAL_DIR = 'eval'
 
@@ -139,7 +140,8 @@ def feature_net_and_stats(config, eval_dir: str, train_source):
       kind=plan.feature_net_kind(e.feature_net, config.data.name), eval_dir=eval_dir,
       train_source=train_source,
       test_source=_source(config, config.data.eval_split, train_source),
-      classifier_path=e.classifier_path, classifier_steps=e.classifier_steps,
+      classifier_path=resolve_path(e.classifier_path) if e.classifier_path else '',
+      classifier_steps=e.classifier_steps,
       classifier_batch_size=e.classifier_batch_size,
       classifier_learning_rate=e.classifier_learning_rate, inception_weights=e.inception_weights,
       seed=e.seed)
@@ -151,6 +153,21 @@ def feature_net_and_stats(config, eval_dir: str, train_source):
         cache_path=os.path.join(eval_dir, f'stats_{net.kind}_{split}.npz'),
         subset_size=e.num_samples, max_examples=cap, seed=e.seed)
   return net, stats
+
+
+def _shipped_teacher_rows(config, store, fingerprint: str) -> list[dict]:
+  """The teacher file's shipped rows (``eval.teacher_rows``) when they fit this run."""
+  path = config.eval.get('teacher_rows', '')
+  teacher = store.directory(run_plan.TEACHER) if config.get('teacher_checkpoint', '') else ''
+  if not path or not os.path.isfile(teacher):
+    return []
+  from gdistill.eval import teacher_rows  # pylint: disable=g-import-not-at-top
+  rows = teacher_rows.load_matching(resolve_path(path), fingerprint=fingerprint,
+                                    sha256=teacher_rows.teacher_sha256(teacher))
+  if rows:
+    log(f'eval: {len(rows)} teacher rows from {path} (measured for this teacher file under '
+        f'this protocol; --config.eval.teacher_rows= samples them here)')
+  return rows
 
 
 def _eta(seconds: float) -> str:
@@ -210,6 +227,11 @@ def run_sweep(config, store, *, train_source=None) -> dict:
   protocol['fingerprint'] = fingerprint
   previous = report.reusable_rows(os.path.join(eval_dir, report.JSON_NAME), fingerprint)
   kept = {plan.row_key(r['model'], r['steps'], r['sampler'], r['w']): r for r in previous}
+  wanted = {s.key: s for s in settings}
+  for r in _shipped_teacher_rows(config, store, fingerprint):
+    key = plan.row_key(r['model'], r['steps'], r['sampler'], r['w'])
+    if key in wanted and key not in kept:
+      kept[key] = dict(r, checkpoint=f'{wanted[key].phase}@{ckpt[wanted[key].phase]["step"]}')
 
   # ---- the rows --------------------------------------------------------------------
   todo = [s for s in settings
