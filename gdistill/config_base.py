@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       size='fmnist', ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
-      dropout=0.1))
+      dropout=0.1,
+      # True: the w branch's output minus its output at w = 0 (models/unet.py), so a stage-1
+      # student starts as, and at w = 0 stays closer to, its teacher.
+      w_relative=False))
 
   # Guidance weights w: students are trained on w ~ U[w_min, w_max].
   c.guidance = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0))
@@ -53,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.p_uncond = 0.1
   c.stage1 = _optim(num_steps=2000, learning_rate=1e-4, warmup_steps=100, ema_decay=0.0,
                     dropout=0.0)
+  # True: each example's loss divided by (1 + w)^2, so the large-w examples (whose guided
+  # targets lie furthest from the conditional output) do not drown the small-w ones.
+  c.stage1.w_balance = False
   # Stage 2: one halving from 2N to N steps each, from start_steps/2 down to min_steps.
   c.stage2 = _optim(num_steps=1000, learning_rate=1e-4, warmup_steps=0, lr_decay='linear',
                     ema_decay=0.0, dropout=0.0)

@@ -52,7 +52,7 @@ def stage1_target(*, teacher_apply, teacher_params, z_t, logsnr, label, w, num_c
 
 
 def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_type,
-                teacher_mean_type, num_classes, w_min, w_max, weighting):
+                teacher_mean_type, num_classes, w_min, w_max, weighting, w_balance=False):
   """Stage 1: a w-conditioned student matches the guided teacher for every w.
 
   t ~ U[0, 1], w ~ U[w_min, w_max];
@@ -71,6 +71,8 @@ def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_typ
                       w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
                                          weighting=weighting)
+  if w_balance:  # the guided target's distance from the conditional one grows with w
+    per_example = per_example / jnp.square(1.0 + w)
   return per_example.mean(), {}
 
 

@@ -231,7 +231,7 @@ class ModelStore:
 
   def expected_meta(self, *, use_w: bool) -> dict:
     """The checkpoint meta entries a model of this run must have."""
-    return {'model': model_kwargs(self.config), 'image_shape': list(self.image_shape),
+    return {'model': model_kwargs(self.config, use_w=use_w), 'image_shape': list(self.image_shape),
             'num_classes': self.num_classes, 'mean_type': self.config.diffusion.mean_type,
             'use_w': use_w}
 

@@ -11,16 +11,23 @@ from gdistill.models.unet import UNet, build_unet
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def model_kwargs(config) -> dict:
-  """The model section as plain keyword arguments (also saved in checkpoint meta)."""
+def model_kwargs(config, *, use_w: bool = True) -> dict:
+  """The model section as plain keyword arguments (also saved in checkpoint meta).
+
+  ``w_relative`` only where it means something and differs from the U-Net's default
+  (False): a teacher (no w branch) and every model saved before the key existed carry
+  no such entry.
+  """
   kw = config.model.to_dict()
   kw['ch_mult'] = list(kw['ch_mult'])
   kw['attn_resolutions'] = list(kw['attn_resolutions'])
+  if not (use_w and kw.get('w_relative')):
+    kw.pop('w_relative', None)
   return kw
 
 
 def make_net(config, *, num_classes: int, out_ch: int, use_w: bool, dropout=None) -> UNet:
-  kw = model_kwargs(config)
+  kw = model_kwargs(config, use_w=use_w)
   size = kw.pop('size')
   if dropout is not None:
     kw['dropout'] = dropout

@@ -25,7 +25,7 @@ from gdistill.train_state import init_state, make_optimizer, make_update_fn
 def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
   """The JSON saved with each checkpoint of a phase: what its network is."""
   s = spec.section(config)
-  out = {'phase': spec.name, 'model': model_kwargs(config), 'use_w': spec.use_w,
+  out = {'phase': spec.name, 'model': model_kwargs(config, use_w=spec.use_w), 'use_w': spec.use_w,
          'mean_type': config.diffusion.mean_type, 'num_classes': store.num_classes,
          'image_shape': list(store.image_shape), 'dataset': config.data.name,
          'has_ema': s.ema_decay > 0, 'student_steps': spec.student_steps,
@@ -64,7 +64,7 @@ class PhaseBuilder:
           losses.stage1_loss, teacher_apply=self.store.net(use_w=False).apply,
           mean_type=d.mean_type, teacher_mean_type=d.mean_type,
           num_classes=self.store.num_classes, w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-          weighting=d.weighting)
+          weighting=d.weighting, w_balance=c.stage1.get('w_balance', False))
     elif spec.kind == run_plan.STAGE2:
       loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,

@@ -57,7 +57,7 @@ _RESERVED = ('format', 'weights')
 
 def network_info(config, *, use_w: bool, num_classes: int, image_shape) -> dict:
   """What a parameter tree is for: the sidecar entries every file carries."""
-  return {'model': networks.model_kwargs(config), 'use_w': bool(use_w),
+  return {'model': networks.model_kwargs(config, use_w=use_w), 'use_w': bool(use_w),
           'mean_type': config.diffusion.mean_type, 'num_classes': int(num_classes),
           'image_shape': [int(s) for s in image_shape], 'dataset': config.data.name}
 

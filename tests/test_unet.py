@@ -122,6 +122,23 @@ def test_use_w_with_zero_init_equals_model_without_w(tiny):
   assert not np.allclose(a, b, atol=1e-4)
 
 
+def test_relative_w_branch_adds_nothing_at_w0_once_trained(tiny):
+  """``w_relative``: at w = 0 a student with the teacher's weights and a trained w branch
+  still computes the teacher exactly; at other w the branch acts."""
+  net = unet.build_unet(size='tiny', num_classes=K, out_ch=SHAPE[-1], use_w=True,
+                        w_relative=True)
+  flat = traverse_util.flatten_dict(perturb_params(tiny['fresh_w'], seed=3))  # trained branch
+  flat.update(traverse_util.flatten_dict(tiny['params']))
+  p_w = traverse_util.unflatten_dict(flat)
+  z, logsnr, label = _inputs(SHAPE, batch=4)
+  want = tiny['apply'](tiny['params'], z, logsnr, label)
+  apply = jax.jit(lambda p, w: net.apply({'params': p}, z, logsnr, label, w))
+  np.testing.assert_allclose(apply(p_w, jnp.zeros((4,))), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(apply(p_w, jnp.full((4,), 2.0)), want, atol=1e-4)
+  # The same parameters as the absolute branch: switching is a change of function only.
+  assert jax.tree.structure(p_w) == jax.tree.structure(tiny['fresh_w'])
+
+
 def test_w_argument_must_match_use_w():
   z, logsnr, label = _inputs(SHAPE)
   with_w = unet.build_unet(size='tiny', num_classes=K, out_ch=1, use_w=True)

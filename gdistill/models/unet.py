@@ -164,6 +164,10 @@ class UNet(nn.Module):
     dropout: dropout rate inside residual blocks.
     use_w: add the guidance-weight input branch (stage-1/2 students).
     w_embed_scale: w is multiplied by this before its Fourier features.
+    w_relative: the w branch's output minus its output at w = 0, so that at w = 0 a
+      stage-1 student initialised from its teacher computes exactly the teacher's
+      conditional output (the guided target at w = 0) and keeps doing so until its shared
+      weights move; without it the branch adds a learnt offset at w = 0 too.
     dtype: compute dtype (parameters stay float32).
   """
   num_classes: int
@@ -175,6 +179,7 @@ class UNet(nn.Module):
   dropout: float = 0.1
   use_w: bool = False
   w_embed_scale: float = 250.0
+  w_relative: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -190,9 +195,14 @@ class UNet(nn.Module):
     if self.use_w:
       if w is None:
         raise ValueError('this U-Net has use_w=True: pass the guidance weight w')
-      wemb = sinusoidal_embedding(self.w_embed_scale * w, self.ch)
-      wemb = nn.Dense(temb_dim, name='w_dense0')(wemb)
-      wemb = nn.Dense(temb_dim, kernel_init=zeros_init, name='w_dense1')(nn.swish(wemb))
+      dense0 = nn.Dense(temb_dim, name='w_dense0')
+      dense1 = nn.Dense(temb_dim, kernel_init=zeros_init, name='w_dense1')
+
+      def branch(wv):
+        return dense1(nn.swish(dense0(sinusoidal_embedding(self.w_embed_scale * wv, self.ch))))
+      wemb = branch(w)
+      if self.w_relative:  # the branch adds nothing at w = 0: there the student is its teacher
+        wemb = wemb - branch(jnp.zeros((1,), w.dtype))
       emb = emb + wemb
     elif w is not None:
       raise ValueError('this U-Net has use_w=False but a guidance weight w was passed')
