@@ -148,6 +148,10 @@ def create_new(path: PathLike, data: bytes) -> bool:
       fsspec.filesystem('gcs').pipe_file(path, data, mode='create')
     except FileExistsError:
       return False
+    except OSError as e:  # the first write of a command: say why in one line
+      reason = 'no such bucket' if isinstance(e, FileNotFoundError) else f'{e}'.splitlines()[0]
+      raise StorageError(f'cannot write {path}: {reason} (check the bucket name and your '
+                         f'Google credentials)') from None
     return True
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
