@@ -86,6 +86,17 @@ def _no_local_gs_dir(cwd):
 # ---- default: the workdir's pieces on gs:// ------------------------------------------------
 
 
+def test_gcs_paths_stay_urls(tmp_path, monkeypatch):
+  """No emulator needed: naming paths under gs:// touches nothing local."""
+  monkeypatch.chdir(tmp_path)
+  assert storage.absolute('gs://b/r') == 'gs://b/r'
+  assert storage.absolute('runs/x') == str(tmp_path / 'runs' / 'x')
+  assert checkpoint.phase_dir('gs://b/r', 'stage1') == 'gs://b/r/checkpoints/stage1'
+  storage.write_text('out/a.json', '{}')  # local: parents made, no tmp file left
+  assert os.listdir(tmp_path / 'out') == ['a.json']
+  _no_local_gs_dir(tmp_path)
+
+
 def test_config_lock_and_checkpoint_on_gcs(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   workdir = f'gs://{BUCKET}/{uuid.uuid4().hex}'
