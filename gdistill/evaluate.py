@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gdistill import cli_setup as _cli
+from gdistill import storage
 from gdistill.workdir import CONFIG_FILE
 
 _WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'eval',
@@ -47,18 +48,21 @@ def _with_default_config(argv):
   workdir = _workdir_arg(argv)
   if not workdir:
     _cli.fail('--workdir is required, e.g. --workdir=runs/fashion_mnist')
-  if ':' in workdir:
+  if ':' in workdir and not storage.is_remote(workdir):
     _cli.fail(f'--workdir={workdir}: pass --config=... too for a workdir whose path has ":"')
-  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+  try:
+    storage.check_reachable(workdir)
+  except storage.StorageError as e:
+    _cli.fail(str(e))
+  if not storage.isfile(os.path.join(workdir, CONFIG_FILE)):
     _cli.fail(f'--workdir={workdir}: no {CONFIG_FILE} there; expected the workdir of a '
               f'gdistill run (python -m gdistill.main --config=... --workdir=...)')
   _FROM_WORKDIR.append(workdir)
-  return [argv[0], f'--config={_WORKDIR_CONFIG}:{os.path.abspath(workdir)}', *argv[1:]]
+  return [argv[0], f'--config={_WORKDIR_CONFIG}:{storage.absolute(workdir)}', *argv[1:]]
 
 
 def _recorded_eval(workdir: str) -> bool:
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return 'eval' in json.load(f)
+  return 'eval' in json.loads(storage.read_text(os.path.join(workdir, CONFIG_FILE)))
 
 
 def parse_flags(argv):
@@ -71,7 +75,7 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     _cli.fail('--workdir is required, e.g. --workdir=runs/fashion_mnist')
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not storage.isdir(os.path.join(workdir, 'checkpoints')):
     _cli.fail(f'--workdir={workdir}: no checkpoints there; train first with '
               f'python -m gdistill.main --config=... --workdir={workdir}')
   config = _cli.config_value(_CONFIG)

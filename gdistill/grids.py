@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from gdistill import storage
 
 
 def to_uint8(x) -> np.ndarray:
@@ -33,8 +33,5 @@ def save_grid(images, path: str, *, scale: int = 2) -> str:
   pil = Image.fromarray(img)
   if scale > 1:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.png'
-  pil.save(tmp)
-  os.replace(tmp, path)
+  storage.write_with(path, lambda f: pil.save(f, format='PNG'))
   return path

@@ -9,12 +9,14 @@ Images in memory are float32 [n, H, W, C] in [-1, 1]. On disk:
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
 
+from gdistill import storage
 from gdistill.grids import save_grid, to_uint8
 
 EXTENSIONS = ('.png', '.npz')
@@ -45,7 +47,7 @@ def _fit_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _read_npz(path: str, image_shape, flag: str) -> np.ndarray:
-  with np.load(path, allow_pickle=False) as data:
+  with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
     keys = [k for k in ('image', 'images') if k in data.files]
     if not keys and len(data.files) == 1:
       keys = data.files
@@ -101,7 +103,7 @@ def _grid_tiles(pixels: np.ndarray, h: int, w: int) -> Optional[list[np.ndarray]
 
 def _read_png(path: str, image_shape, flag: str) -> np.ndarray:
   h, w, c = image_shape
-  with Image.open(path) as im:
+  with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
     pixels = np.asarray(im.convert('L' if c == 1 else 'RGB'))
   if pixels.ndim == 2:
     pixels = pixels[..., None]
@@ -122,7 +124,7 @@ def _read_png(path: str, image_shape, flag: str) -> np.ndarray:
 
 def read_images(path: str, image_shape, *, flag: str = '--input') -> np.ndarray:
   """[n, H, W, C] float32 in [-1, 1] from a .npz or .png; ValueError with one line otherwise."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ValueError(f'{flag}={path}: no such file')
   ext = os.path.splitext(path)[1].lower()
   try:
@@ -146,10 +148,7 @@ def _blank_padded(images: np.ndarray, cols: int) -> np.ndarray:
 
 
 def _save_npz(path: str, **arrays) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  storage.write_with(path, lambda f: np.savez(f, **arrays))
 
 
 def write_samples(path: str, images: np.ndarray, labels: np.ndarray, *, meta: dict,

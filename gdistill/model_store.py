@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import jax
 import ml_collections
 
-from gdistill import checkpoint, compiled_samplers, run_plan, sharding, teacher_file, xla_options
+from gdistill import (checkpoint, compiled_samplers, run_plan, sharding, storage, teacher_file,
+                      xla_options)
 from gdistill.checkpoint import CheckpointError
 from gdistill.metric_writer import log
 from gdistill.networks import init_params, make_net, model_kwargs, param_count
@@ -32,7 +33,8 @@ from gdistill.workdir import CONFIG_FILE, WorkdirError
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was created with, over the defaults of sections added since."""
   from gdistill.eval.workdir_config import get_config  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+  storage.check_reachable(workdir)
+  if not storage.isfile(os.path.join(workdir, CONFIG_FILE)):
     raise WorkdirError(f'--workdir={workdir}: no {CONFIG_FILE} there (expected the workdir of a '
                        f'gdistill run, e.g. runs/fashion_mnist)')
   return get_config(workdir)
@@ -46,7 +48,9 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def resolve_path(path: str) -> str:
   """``path`` made absolute: from the working directory if it exists there, else from
-  PACKAGE_PARENT if it exists there, else from the working directory."""
+  PACKAGE_PARENT if it exists there, else from the working directory (a URL as it is)."""
+  if storage.is_remote(path):
+    return path
   here = os.path.abspath(path)
   shipped = os.path.join(PACKAGE_PARENT, path)
   return shipped if not os.path.exists(here) and os.path.exists(shipped) else here
@@ -82,7 +86,7 @@ class ModelStore:
   def __init__(self, workdir: str, config, *, mesh, image_shape, num_classes: int,
                dataset: Optional[str] = None, strategy: str = 'replicated',
                compile_options: Optional[dict] = None):
-    self.path = os.path.abspath(workdir)
+    self.path = storage.absolute(workdir)
     self.config = config
     self.mesh = mesh
     self.image_shape = tuple(int(s) for s in image_shape)
@@ -97,8 +101,9 @@ class ModelStore:
   @classmethod
   def open(cls, workdir: str, config=None) -> 'ModelStore':
     """The store of a finished (or partly finished) workdir, sampling on every device."""
-    path = os.path.abspath(workdir)
-    if not os.path.isdir(path):
+    storage.check_reachable(workdir)
+    path = storage.absolute(workdir)
+    if not storage.isdir(path):
       raise WorkdirError(f'--workdir={workdir}: no such directory')
     config = config if config is not None else load_config(path)
     mesh = sharding.make_mesh({sharding.DATA_AXIS: -1})
@@ -123,25 +128,25 @@ class ModelStore:
     if phase == run_plan.TEACHER and external:
       path = resolve_path(external)
       nested = checkpoint.phase_dir(path, run_plan.TEACHER)
-      return nested if os.path.isdir(nested) else path
+      return nested if storage.isdir(nested) else path
     return checkpoint.phase_dir(self.path, phase)
 
   def _file(self, phase: str) -> Optional[str]:
     """The one-file weights that hold a phase (the teacher's, from teacher_checkpoint)."""
     path = self.directory(phase)
-    return path if path.endswith(teacher_file.SUFFIX) or os.path.isfile(path) else None
+    return path if path.endswith(teacher_file.SUFFIX) or storage.isfile(path) else None
 
   def step(self, phase: str) -> Optional[int]:
     """The latest saved step of a phase, or None."""
     path = self._file(phase)
     if path is not None:
-      return int(teacher_file.read_info(path).get('step') or 0) if os.path.isfile(path) else None
+      return int(teacher_file.read_info(path).get('step') or 0) if storage.isfile(path) else None
     return checkpoint.latest_complete(self.directory(phase))
 
   def finished(self) -> dict[str, int]:
     """Phase name -> latest saved step, for every phase with a checkpoint, in plan order."""
     root = os.path.join(self.path, checkpoint.CHECKPOINT_DIR)
-    listed = os.listdir(root) if os.path.isdir(root) else []
+    listed = storage.listdir(root)
     names = self.plan.names + [n for n in run_plan.from_names(listed).names
                                if n not in self.plan]
     steps = {n: self.step(n) for n in names}
@@ -244,7 +249,7 @@ class ModelStore:
     use_w = parsed[0] != run_plan.TEACHER
     directory = self.directory(phase)
     if self._file(phase) is not None:
-      if not os.path.isfile(directory):
+      if not storage.isfile(directory):
         raise CheckpointError(f'teacher_checkpoint={self.config.teacher_checkpoint!r}: no such '
                               f'file ({directory}; expected a teacher weights file, a workdir '
                               f'or its checkpoints/teacher directory)')

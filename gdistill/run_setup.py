@@ -9,11 +9,10 @@ config, and the run's model store. Used by the driver and by ``gdistill.evaluate
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
-from gdistill import config_validation, sharding, xla_options
+from gdistill import config_validation, sharding, storage, xla_options
 from gdistill.data import open_source
 from gdistill.model_store import ModelStore
 from gdistill.workdir import check_config
@@ -31,7 +30,7 @@ class RunSetup:
 def open_run(config, workdir: str) -> RunSetup:
   """Raises ConfigError, DataError or WorkdirError (one line each) before anything is
   written."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   config_validation.validate(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   config_validation.validate(config, num_devices=mesh.size, num_processes=jax.process_count())

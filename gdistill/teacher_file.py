@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-from gdistill import checkpoint, networks, run_plan
+from gdistill import checkpoint, networks, run_plan, storage
 from gdistill.checkpoint import CheckpointError
 
 FORMAT = 'gdistill-sampling-params/1'
@@ -95,6 +95,9 @@ def _json_default(x):
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+  if storage.is_remote(path):  # one upload is atomic
+    storage.write_bytes(path, data)
+    return
   tmp = f'{path}.tmp{os.getpid()}'
   try:
     with open(tmp, 'wb') as f:
@@ -134,8 +137,7 @@ def save_params(path: str, params, info: dict) -> dict:
       'sha256': hashlib.sha256(data).hexdigest(),
       'num_params': int(sum(a.size for a in leaves)), 'dtype': 'float32'})
   text = json.dumps(full, indent=2, sort_keys=True, default=_json_default) + '\n'
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(os.path.dirname(storage.absolute(path)))
   _write_atomic(path, data)
   _write_atomic(side, text.encode())
   return json.loads(text)
@@ -171,14 +173,13 @@ def read_info(path: str) -> dict:
   """The sidecar of ``path`` (CheckpointError if either file is missing or it is unreadable)."""
   path = os.fspath(path)
   side = sidecar_path(path)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise _fail(f'{path}: no such file (expected sampling parameters written by '
                 f'gdistill.teacher_file, with the sidecar {os.path.basename(side)})')
-  if not os.path.isfile(side):
+  if not storage.isfile(side):
     raise _fail(f'{side}: no such file (expected the JSON sidecar of {path})')
   try:
-    with open(side, encoding='utf-8') as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(side))
   except (OSError, ValueError) as e:
     raise _fail(f'{side}: unreadable ({e}); expected the JSON sidecar of {path}') from e
   weights = info.get('weights') if isinstance(info, dict) else None
@@ -191,8 +192,7 @@ def read_info(path: str) -> dict:
 
 def _read_verified(path: str, info: dict) -> bytes:
   want = info['weights']
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = storage.read_bytes(path)
   if len(data) != want['bytes']:
     raise _fail(f'{path}: truncated or corrupted: {len(data)} bytes, expected {want["bytes"]} '
                 f'(from {os.path.basename(sidecar_path(path))})')
@@ -286,7 +286,7 @@ def load_params(path: str, *, expect: Optional[dict], abstract_params) -> tuple[
 
 def phase_steps(directory: str) -> list[int]:
   """Every step saved (and finished) in a phase directory, ascending; [] if none."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
   mgr = checkpoint.manager(directory, create=False)
   try:
@@ -385,7 +385,7 @@ def export_phase(checkpoint_dir: str, path: str, *, config, extra_info: Optional
     The sidecar as written: ``network_info`` plus phase, step, images_seen, weights
     ('ema' or 'raw'), source (the phase directory), config, and ``extra_info``.
   """
-  checkpoint_dir = os.path.abspath(checkpoint_dir)
+  checkpoint_dir = storage.absolute(checkpoint_dir)
   if step is None:
     step = checkpoint.latest_complete(checkpoint_dir)
   if step is None:
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
   from gdistill import cli_setup  # pylint: disable=g-import-not-at-top
   from gdistill.eval import workdir_config  # pylint: disable=g-import-not-at-top
   from gdistill.workdir import CONFIG_FILE  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(args.workdir, CONFIG_FILE)):
+  if not storage.isfile(os.path.join(args.workdir, CONFIG_FILE)):
     cli_setup.fail(f'--workdir={args.workdir}: no {CONFIG_FILE} there; expected the workdir '
                    f'of a gdistill run')
   extra = {}
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
     if key in _RESERVED:
       cli_setup.fail(f'--info={item!r}: {key} is set by the exporter')
     extra[key] = _parse_value(value)
-  config = workdir_config.get_config(os.path.abspath(args.workdir))
+  config = workdir_config.get_config(storage.absolute(args.workdir))
   with cli_setup.user_errors():
     info = export_phase(checkpoint.phase_dir(args.workdir, args.phase), args.output,
                         config=config, extra_info=extra, step=args.step)

@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from gdistill import compiled_samplers, run_plan, sharding, workdir_lock
+from gdistill import compiled_samplers, run_plan, sharding, storage, workdir_lock
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, run_phase
 from gdistill.metric_writer import MetricWriter, log
@@ -51,7 +51,7 @@ class Run:
 
   def write_grid(self, params, *, mode: str, w: float, num_steps: int, name: str):
     path = os.path.join(self.workdir, 'samples', f'{name}_steps{num_steps}_w{w:g}.png')
-    if os.path.exists(path):
+    if storage.exists(path):
       return
     s = self.config.samples
     images = compiled_samplers.class_grid(

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import compiled_samplers, guidance, samplers
+from gdistill import compiled_samplers, guidance, samplers, storage
 from gdistill.checkpoint import CheckpointError
 from gdistill.config_validation import ConfigError
 from gdistill.grids import save_grid
@@ -210,7 +210,7 @@ def saved_classifier(config, workdir: str):
   or None where it has not saved one."""
   from gdistill.eval import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
   path = classifier_path(config, workdir)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return None
   params, meta = classifier_lib.load_classifier(path)
   if meta.get('dataset') != config.data.name:
@@ -269,10 +269,7 @@ def quality_report(config, work: ModelStore, translator: Translator, routes, eva
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(obj, indent=2))
 
 
 def run_stage(config, workdir: str, *, classify=None) -> dict:
@@ -300,7 +297,7 @@ def run_stage(config, workdir: str, *, classify=None) -> dict:
   for source, target in t.pairs:
     path = os.path.join(out_dir, pair_file(work, source, target))
     index[os.path.basename(path)] = rows
-    if os.path.exists(path):
+    if storage.exists(path):
       continue
     x = class_images(eval_source, source, t.num_per_pair)
     grid = np.stack([x] + [translator(r, x, source, target) for r in routes])  # [R, n, H, W, C]
@@ -308,11 +305,10 @@ def run_stage(config, workdir: str, *, classify=None) -> dict:
       save_grid(grid, path)
       log(f'wrote {path}')
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
     _write_json(os.path.join(out_dir, 'grids.json'), index)
   classify = classify or saved_classifier(config, work.path)
   quality_path = os.path.join(out_dir, QUALITY_FILE)
-  if classify is not None and not os.path.exists(quality_path):
+  if classify is not None and not storage.exists(quality_path):
     report = quality_report(config, work, translator, routes, eval_source, classify)
     if jax.process_index() == 0:
       _write_json(quality_path, report)

@@ -12,6 +12,8 @@ import os
 
 import jax
 
+from gdistill import storage
+
 CONFIG_FILE = 'config.json'
 # Keys that may change between invocations on one workdir: what to run next,
 # how to log and evaluate, and how to lay the work out on devices.
@@ -63,15 +65,15 @@ def check_and_record_config(config, workdir: str) -> None:
 
 def check_config(config, workdir: str) -> None:
   """Raises WorkdirError if ``workdir`` holds a run of an incompatible config."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  storage.check_reachable(workdir)
+  if storage.exists(workdir) and not storage.isdir(workdir):
     raise WorkdirError(f'--workdir={workdir} is a file, expected a directory (new, or the '
                        f'workdir of a gdistill run)')
   path = os.path.join(workdir, CONFIG_FILE)
   new = _flatten(config.to_dict())
-  if os.path.exists(path):
+  if storage.exists(path):
     try:
-      with open(path) as f:
-        old = _flatten(json.load(f))
+      old = _flatten(json.loads(storage.read_text(path)))
     except (OSError, ValueError) as e:
       raise WorkdirError(f'{path}: unreadable ({e}); expected the config.json of a gdistill run')
     old = {**{k: v for k, v in ADDED.items() if k in new}, **old}
@@ -84,7 +86,7 @@ def check_config(config, workdir: str) -> None:
             f'config has {key}={new.get(key, "<absent>")!r}: use another --workdir, or the '
             f'same config to resume')
     return
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if storage.isdir(os.path.join(workdir, 'checkpoints')):
     raise WorkdirError(f'workdir {workdir} holds checkpoints but no {CONFIG_FILE}: expected an '
                        f'empty or gdistill workdir')
 
@@ -93,15 +95,10 @@ def record_config(config, workdir: str) -> None:
   """Writes ``workdir/config.json`` on a workdir's first run, and again when a run
   trains a phase longer (``EXTENDABLE``), on process 0."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = _flatten(json.load(f))
+  if storage.exists(path):
+    old = _flatten(json.loads(storage.read_text(path)))
     new = _flatten(config.to_dict())
     if not any(_extended(k, old, new) and new[k] != old[k] for k in new):
       return
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))

@@ -5,6 +5,11 @@ run; a second writer is refused with one line naming the holder (host, pid, comm
 since when). A lock left by a process that no longer exists on this host (a SIGKILL, a
 crash, a reboot) is taken over with a warning. Readers (``gdistill.sample``) never take
 it. On multi-host runs process 0 holds it for the run.
+
+On Cloud Storage (``gs://``) the lock is an object created with the precondition "no
+such object yet", so of two writers starting together one gets it. A lock left there by
+a host that is gone cannot be checked from another host: remove it by hand
+(``gcloud storage rm gs://.../gdistill.lock``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 
 from absl import logging
 
+from gdistill import storage
 from gdistill.workdir import WorkdirError
 
 LOCK_FILE = 'gdistill.lock'
@@ -40,21 +46,14 @@ def _alive(pid: int) -> bool:
 
 def _read(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (OSError, ValueError):
     return {}
 
 
 def _write_new(path: str, info: dict) -> bool:
   """Creates the lock file atomically; False if it exists."""
-  try:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-  except FileExistsError:
-    return False
-  with os.fdopen(fd, 'w') as f:
-    json.dump(info, f)
-  return True
+  return storage.create_new(path, json.dumps(info).encode())
 
 
 def _describe(holder: dict, path: str) -> str:
@@ -72,7 +71,7 @@ def acquire(workdir: str, command: str) -> str:
   path = os.path.join(workdir, LOCK_FILE)
   me = {'host': socket.gethostname(), 'pid': os.getpid(), 'command': command,
         'since': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-  if not os.path.isdir(workdir):
+  if not storage.is_remote(workdir) and not os.path.isdir(workdir):
     os.makedirs(workdir)
     _CREATED.add(os.path.abspath(workdir))
   for _ in range(3):
@@ -88,8 +87,7 @@ def acquire(workdir: str, command: str) -> str:
         not _alive(holder['pid']):
       logging.warning('workdir %s: taking over the lock of %s, which no longer runs',
                       workdir, _describe(holder, path))
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+      storage.remove(path)
       continue
     if not holder:
       raise WorkdirInUse(f'workdir {workdir}: lock {path} exists but is unreadable: another '
@@ -105,9 +103,8 @@ def release(path: str) -> None:
   lock created it and nothing else was written there: a run refused early leaves none)."""
   holder = _read(path)
   if holder.get('pid') == os.getpid() and holder.get('host') == socket.gethostname():
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(path)
-  workdir = os.path.dirname(os.path.abspath(path))
+    storage.remove(path)
+  workdir = os.path.dirname(storage.absolute(path))
   if workdir in _CREATED:
     _CREATED.discard(workdir)
     with contextlib.suppress(OSError):

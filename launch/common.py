@@ -245,7 +245,7 @@ def pip_install_steps(py: str, code_dir: str, jax_requirement: str,
   return [
       f"cd {home_path(code_dir)}",
       f"{py} -m pip install -U pip",
-      f"{py} -m pip install -e .",
+      f"{py} -m pip install -e '.[gcs]'",  # gs:// workdirs need gcsfs
       jax_cmd,
   ]
 

@@ -88,8 +88,8 @@ def test_tpu_all_dry_run_prints_every_step():
   assert setup[4:6] == ["ssh", "gd-test"] and "--worker=all" in setup
   sh = remote_script(setup)
   assert f"-m pip install 'jax[tpu]' -f {LIBTPU}" in sh
-  assert "-m pip install -e ." in sh
-  assert sh.index("pip install -e .") < sh.index("jax[tpu]")
+  assert "-m pip install -e '.[gcs]'" in sh
+  assert sh.index("pip install -e '.[gcs]'") < sh.index("jax[tpu]")
   assert train[4:6] == ["ssh", "gd-test"] and "--worker=all" in train
   sh = remote_script(train)
   assert "nohup" in sh and "gdistill-logs/train.log" in sh
@@ -284,7 +284,7 @@ def test_gpu_remote_setup_ships_code_then_installs():
   assert "--exclude=/.git" in rsync and rsync[rsync.index("-e") + 1] == \
       "ssh -p 22"
   sh = remote_script(install)
-  assert "-m pip install -e ." in sh and "'jax[cuda12]==0.4.35'" in sh
+  assert "-m pip install -e '.[gcs]'" in sh and "'jax[cuda12]==0.4.35'" in sh
   (clone,) = dry(GPU, "setup", "--host=gpu", "--repo-url=https://e.com/r.git")
   assert 'git clone https://e.com/r.git "$HOME"/gdistill' in remote_script(clone)
 

@@ -23,8 +23,9 @@ import jax
 import numpy as np
 import pytest
 
+import orbax.checkpoint as ocp
 import smoke_workdir
-from gdistill import checkpoint, train, workdir as workdir_lib
+from gdistill import checkpoint, storage, train, workdir as workdir_lib
 from gdistill.networks import init_params, make_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,27 +312,30 @@ def smoke_run(tmp_path_factory, fashion_data_dir):
   return dict(workdir=workdir, proc=proc, seconds=time.monotonic() - t0)
 
 
-def test_smoke_run_writes_everything(smoke_run):
-  """In the default suite: the real path (loop, checkpoints, the stage chain) once, small."""
-  workdir = smoke_run['workdir']
+def assert_smoke_workdir(workdir, proc):
+  """What a finished smoke run leaves in ``workdir`` (a local path or gs://)."""
   for phase in SMOKE_PHASES:
-    steps = [int(d) for d in os.listdir(checkpoint.phase_dir(workdir, phase)) if d.isdigit()]
+    steps = [int(d) for d in storage.listdir(checkpoint.phase_dir(workdir, phase)) if d.isdigit()]
     assert len(steps) == 1, (phase, steps)  # a finished phase keeps one, lean, checkpoint
     meta = checkpoint.read_meta(checkpoint.phase_dir(workdir, phase))
     assert meta['phase'] == phase and meta['use_w'] == (phase != 'teacher') and meta['lean']
   assert checkpoint.read_meta(checkpoint.phase_dir(workdir, 'stage2_n0002'))['student_steps'] == 2
-  samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
+  samples = storage.listdir(os.path.join(workdir, 'samples'))
   assert samples == sorted(f'{name}.png' for name in SMOKE_SAMPLES)
   for name in samples:
-    with open(os.path.join(workdir, 'samples', name), 'rb') as f:
-      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  with open(os.path.join(workdir, 'config.json')) as f:
-    recorded = json.load(f)
+    assert storage.read_bytes(os.path.join(workdir, 'samples', name))[:8] == b'\x89PNG\r\n\x1a\n'
+  recorded = json.loads(storage.read_text(os.path.join(workdir, 'config.json')))
   assert recorded['model']['size'] == 'tiny' and recorded['stage2']['start_steps'] == 8
-  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  events = storage.listdir(os.path.join(workdir, 'tensorboard'))
   assert any(e.startswith('events.out.tfevents') for e in events)
-  assert sum(os.path.getsize(os.path.join(workdir, 'tensorboard', e)) for e in events) > 1000
-  assert smoke_run['proc'].stderr.count('gdistill: error') == 0
+  assert sum(len(storage.read_bytes(os.path.join(workdir, 'tensorboard', e)))
+             for e in events) > 1000
+  assert proc.stderr.count('gdistill: error') == 0
+
+
+def test_smoke_run_writes_everything(smoke_run):
+  """In the default suite: the real path (loop, checkpoints, the stage chain) once, small."""
+  assert_smoke_workdir(smoke_run['workdir'], smoke_run['proc'])
 
 
 @pytest.mark.slow
@@ -349,10 +353,11 @@ def test_rerun_of_finished_run_changes_nothing(smoke_run, fashion_data_dir, tmp_
 
 
 def _has_checkpoint(workdir, phase, step=None):
+  """Whether the phase has a finished checkpoint (of ``step``): on gs:// a step's objects
+  appear while it is written, its commit marker last."""
   d = checkpoint.phase_dir(workdir, phase)
-  if not os.path.isdir(d):
-    return False
-  steps = [int(s) for s in os.listdir(d) if s.isdigit()]
+  steps = [int(s) for s in storage.listdir(d)
+           if s.isdigit() and ocp.utils.is_checkpoint_finalized(os.path.join(d, s))]
   return bool(steps) if step is None else step in steps
 
 
@@ -391,15 +396,18 @@ def _finish(workdir, data_dir):
   return proc
 
 
-def test_smoke_run_samples_through_the_cli(smoke_run, tmp_path):
-  out = str(tmp_path / 's.npz')
-  cmd = [sys.executable, '-m', 'gdistill.sample', f'--workdir={smoke_run["workdir"]}',
+def assert_samples_through_the_cli(workdir, out):
+  cmd = [sys.executable, '-m', 'gdistill.sample', f'--workdir={workdir}',
          '--steps=2', '--num=1', f'--output={out}']
   proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                         timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(out) as d:
     assert str(d['model']) == 'stage2_n0002' and d['image'].shape == (10, 28, 28, 1)
+
+
+def test_smoke_run_samples_through_the_cli(smoke_run, tmp_path):
+  assert_samples_through_the_cli(smoke_run['workdir'], str(tmp_path / 's.npz'))
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(smoke_run, fashion_data_dir, tmp_path):
@@ -422,7 +430,7 @@ def test_resume_after_five_sigkills_matches_uninterrupted_run(smoke_run, fashion
   workdir = str(tmp_path / 'killed5')
   for phase, step in KILL_POINTS:
     if step is None:
-      ready = lambda p=phase: os.path.isdir(checkpoint.phase_dir(workdir, p))
+      ready = lambda p=phase: storage.isdir(checkpoint.phase_dir(workdir, p))
     else:
       ready = lambda p=phase, s=step: _has_checkpoint(workdir, p, s)
     _run_and_kill(workdir, fashion_data_dir, ready, f'{phase} step {step}')

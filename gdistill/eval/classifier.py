@@ -19,6 +19,7 @@ only loadable by code that builds the same network.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from typing import Any, NamedTuple, Sequence
@@ -29,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+
+from gdistill import storage
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -287,15 +290,8 @@ def save_classifier(path: str | os.PathLike, params, meta: dict) -> None:
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
   arrays = {k: np.asarray(v) for k, v in flat.items()}
   arrays[_META_KEY] = np.asarray(json.dumps(meta, sort_keys=True))
-  path = os.fspath(path)
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  # Write-then-rename so a crash never leaves a truncated classifier behind.
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  # Whole or not at all: a crash never leaves a truncated classifier behind.
+  storage.write_with(path, lambda f: np.savez(f, **arrays))
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[Any, dict]:
@@ -309,11 +305,11 @@ def load_classifier(path: str | os.PathLike) -> tuple[Any, dict]:
     ValueError: the file's version tag is not CLASSIFIER_VERSION.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(
         f"classifier file '{path}' not found; train one with "
         f"gdistill.eval.classifier.train_classifier and save_classifier")
-  with np.load(path, allow_pickle=False) as data:
+  with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
     meta = json.loads(str(data[_META_KEY]))
     flat = {k: data[k] for k in data.files if k != _META_KEY}
   if meta.get("version") != CLASSIFIER_VERSION:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from gdistill import storage
 from gdistill.config_validation import ConfigError
 from gdistill.eval import classifier as classifier_lib
 from gdistill.eval import inception as inception_lib
@@ -77,7 +79,7 @@ def classifier_net(*, path: str, train_source, test_source, steps: int, batch_si
               'seed': seed,
               'train_split': train_source.split, 'test_split': test_source.split}
   params = meta = None
-  if os.path.isfile(path):
+  if storage.isfile(path):
     params, meta = classifier_lib.load_classifier(path)
     mismatch = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if mismatch:
@@ -102,7 +104,7 @@ def classifier_net(*, path: str, train_source, test_source, steps: int, batch_si
   log(f'eval: feature classifier test accuracy {accuracy:.4f} '
       f'({meta.get("test_split", "test")} split)')
   fn = classifier_lib.ClassifierFeatures(params, num_classes=meta['num_classes'])
-  info = {'name': 'classifier', 'path': os.path.abspath(path), 'test_accuracy': accuracy,
+  info = {'name': 'classifier', 'path': storage.absolute(path), 'test_accuracy': accuracy,
           'test_split': meta.get('test_split'), 'train_split': meta.get('train_split'),
           'steps': meta.get('steps'), 'feature_dim': classifier_lib.FeatureClassifier(
               num_classes=meta['num_classes']).feature_dim,
@@ -151,8 +153,8 @@ def split_statistics(net: FeatureNet, source, *, cache_path: str, subset_size: i
   n = source.num_examples if not max_examples else min(max_examples, source.num_examples)
   fingerprint = json.dumps({'net': net.fingerprint, 'data': source.name, 'split': source.split,
                             'n': n, 'subset': subset_size, 'seed': seed}, sort_keys=True)
-  if os.path.isfile(cache_path):
-    with np.load(cache_path, allow_pickle=False) as f:
+  if storage.isfile(cache_path):
+    with np.load(io.BytesIO(storage.read_bytes(cache_path)), allow_pickle=False) as f:
       if str(f['fingerprint']) == fingerprint:
         return {k: f[k] for k in ('mu', 'sigma', 'subset_features', 'subset_logits')} | {
             'n': int(f['n'])}
@@ -168,10 +170,8 @@ def split_statistics(net: FeatureNet, source, *, cache_path: str, subset_size: i
   sub_f, sub_l = net.fn(source.get(subset_indices(n, subset_size, seed))['image'])
   out = {'mu': mu, 'sigma': sigma, 'n': n, 'subset_features': sub_f, 'subset_logits': sub_l}
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = cache_path + '.tmp.npz'
-    np.savez(tmp, fingerprint=np.asarray(fingerprint), **out)
-    os.replace(tmp, cache_path)
+    storage.write_with(cache_path, lambda f: np.savez(f, fingerprint=np.asarray(fingerprint),
+                                                      **out))
   return out
 
 

@@ -14,6 +14,8 @@ import math
 import os
 from typing import Optional
 
+from gdistill import storage
+
 SERIES = (  # (label, model names, sampler, style)
     ('teacher, guided DDIM', ('teacher', 'teacher_ddim'), 'ddim', dict(color='k', marker='o')),
     ('student, deterministic', ('student',), 'ddim', dict(color='tab:blue', marker='s')),
@@ -34,9 +36,7 @@ def _ok(x) -> bool:
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  storage.write_with(path, lambda f: fig.savefig(f, format='png', dpi=110))
   return path
 
 

@@ -22,13 +22,12 @@ is its command line) and ``plot_curve`` draws FID against images seen.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from gdistill import compiled_samplers
+from gdistill import compiled_samplers, storage
 from gdistill.eval import features, sweep
 from gdistill.metric_writer import log
 
@@ -251,9 +250,6 @@ def plot_curve(rows: Sequence[dict], path: str, *, w_values: Sequence[float],
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
+  storage.write_with(path, lambda f: fig.savefig(f, format='png', dpi=110))
   plt.close(fig)
-  os.replace(tmp, path)
   return path

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Optional
 
+from gdistill import storage
 from gdistill.metric_writer import log
 
 JSON_NAME = 'report.json'
@@ -79,11 +80,10 @@ def fingerprint(protocol_dict: dict, feature_fingerprint: str) -> str:
 
 def reusable_rows(path: str, fp: str) -> list[dict]:
   """The rows of an existing report with the same fingerprint, else none."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return []
   try:
-    with open(path) as f:
-      old = json.load(f)
+    old = json.loads(storage.read_text(path))
   except (OSError, ValueError):
     log(f'eval: {path} is unreadable; starting a fresh report')
     return []
@@ -245,17 +245,9 @@ def markdown(rep: dict) -> str:
   return '\n'.join(lines)
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write(eval_dir: str, *, protocol: dict, floor: dict, rows: list[dict]) -> dict:
   """Writes report.json and report.md; returns the report dict."""
   rep = _clean(build(protocol=protocol, floor=floor, rows=rows))
-  os.makedirs(eval_dir, exist_ok=True)
-  _write_atomic(os.path.join(eval_dir, JSON_NAME), json.dumps(rep, indent=1) + '\n')
-  _write_atomic(os.path.join(eval_dir, MD_NAME), markdown(rep))
+  storage.write_text(os.path.join(eval_dir, JSON_NAME), json.dumps(rep, indent=1) + '\n')
+  storage.write_text(os.path.join(eval_dir, MD_NAME), markdown(rep))
   return rep

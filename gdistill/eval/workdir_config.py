@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from gdistill import storage
 from gdistill.config_base import base_config
 from gdistill.workdir import CONFIG_FILE
 
@@ -33,8 +34,7 @@ def _overlay(c: ml_collections.ConfigDict, d: dict) -> None:
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
-  with open(path) as f:
-    recorded = json.load(f)
+  recorded = json.loads(storage.read_text(path))
   c = base_config()
   _overlay(c, recorded)
   return c
