@@ -148,7 +148,7 @@ class ImageSource:
       logging.info('Decoding %s:%s (%d examples) into memory.', self.name,
                    self.split, self.num_examples)
       chunks = self._decoded().batch(_LOAD_CHUNK).to_iter_dataset(
-          grain.ReadOptions(num_threads=_LOAD_THREADS, prefetch_buffer_size=_LOAD_CHUNK))
+          grain.ReadOptions(num_threads=_LOAD_THREADS, prefetch_buffer_size=_LOAD_THREADS))
       images = np.empty((self.num_examples, *self.image_shape), np.uint8)
       labels = np.empty((self.num_examples,), np.int32)
       start = 0
