@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets 4.9.10 imports these without declaring them.
     'importlib_resources>=6.0',
     'array_record>=0.8.1',
+    'grain>=0.2.18',  # the training input pipeline (gdistill.data.pipeline)
     'pillow>=10.0',
     'ml_collections>=1.1.0',
     'chex>=0.1.92',

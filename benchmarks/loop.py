@@ -1,8 +1,9 @@
 """The training loop against its bare step: what the loop (data, metrics, logging,
-checkpoints) costs on top of the jitted step, per phase kind, on the real data.
+checkpoints) costs on top of the jitted step, per phase kind, on the real data; and
+the Grain input pipeline alone.
 
   python benchmarks/loop.py [--config=configs/fashion_mnist.py] [--steps=50] [--rounds=2]
-      [--json=loop.json]
+      [--only=loop,pipeline] [--workers=0,1,2,4] [--pipeline-examples=20000] [--json=FILE]
 
 For teacher, stage 1 and the first stage-2 halving of the config's run plan, in one
 process, interleaved round by round:
@@ -15,17 +16,26 @@ process, interleaved round by round:
   * ``loop_over_step`` = loop rate / step rate (1.0: the loop costs nothing);
   * ``phase_seconds``: the whole ``run_phase`` call (state init, compile cache hit,
     final save), what a user waits for per phase beyond the steps.
-And the input pipeline alone (``gdistill.data.global_batch`` of consecutive steps, to
-device): images/s and its ratio to the loop's consumption.
+And the input pipeline alone (``gdistill.data.train_batches``: Grain, through to the
+batch's sharded device arrays), in images/s from its first batch on (worker start-up
+excluded), with nothing else running:
+  * on the config's training data at the loop's batch and the run's worker count, and
+    its ratio to the fastest loop's consumption;
+  * at ImageNet 64's image size: a TFDS array_record dataset of ``--pipeline-examples``
+    random 64x64x3 images, PNG-encoded as imagenet_resized/64x64 stores them, written to a
+    temporary directory, read and decoded per example, for each ``--workers`` count.
 The stage-1 student distils the config's teacher (the shipped one for the embedded
 default); stage 2 distils the stage-1 student's initial parameters (speed does not
 depend on the values). Run it on an otherwise idle machine.
+
+``--json`` writes ``{"name", "value", "unit"}`` records, as ``run.py`` (which includes
+this benchmark) does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 import shutil
 import statistics
@@ -36,9 +46,14 @@ import time
 import common  # sets the CPU device count before JAX starts; pylint: disable=g-bad-import-order
 
 import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import PIL.Image  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-from gdistill import loop, run_plan, sharding, train  # pylint: disable=g-import-not-at-top
-from gdistill.data import global_batch  # pylint: disable=g-import-not-at-top
+from gdistill import data, loop, run_plan, sharding, train  # pylint: disable=g-import-not-at-top
+from gdistill.data import pipeline  # pylint: disable=g-import-not-at-top
+
+IMAGE_64 = (64, 64, 3)
 
 
 class _Rates:
@@ -88,8 +103,8 @@ def _loop_rate(phase, run, root):
 
 def _step_rate(phase, run):
   state = loop.init_state(phase, run.ctx)
-  batch = global_batch(run.source, seed=0, step=0, batch_size=phase.batch_size,
-                       sharding=sharding.batch_sharding(run.mesh))
+  batch = next(data.train_batches(run.source, seed=0, batch_size=phase.batch_size,
+                                  sharding=sharding.batch_sharding(run.mesh), start=0, stop=1))
   rng = jax.device_put(loop.phase_rng(0, phase.name), sharding.replicated(run.mesh))
   update = loop.compile_step(phase, run.ctx, state, batch, rng)
   state, m = update(state, phase.frozen, batch, rng)  # first call: outside the timing
@@ -101,15 +116,159 @@ def _step_rate(phase, run):
   return (phase.num_steps - 1) / (time.perf_counter() - t0)
 
 
-def _pipeline_rate(run, batch_size, steps):
-  batch_sh = sharding.batch_sharding(run.mesh)
-  jax.block_until_ready(global_batch(run.source, seed=0, step=0, batch_size=batch_size,
-                                     sharding=batch_sh))
+def pipeline_rate(source, mesh, *, batch_size: int, workers: int, images: int) -> float:
+  """Images/s of ``data.train_batches`` (to sharded device arrays) in steady state: the
+  batches its readers hold when the first one arrives are drained before the timing."""
+  ready = 1 + pipeline.PREFETCH_BATCHES * max(workers, 1)
+  steps = max(2 * ready, -(-images // batch_size))
+  batches = data.train_batches(source, seed=0, batch_size=batch_size,
+                               sharding=sharding.batch_sharding(mesh), start=0,
+                               stop=ready + steps, workers=workers)
+  for _ in range(ready):
+    jax.block_until_ready(next(batches))
   t0 = time.perf_counter()
-  for s in range(1, steps + 1):
-    b = global_batch(run.source, seed=0, step=s, batch_size=batch_size, sharding=batch_sh)
+  for b in batches:
+    pass
   jax.block_until_ready(b)
   return steps * batch_size / (time.perf_counter() - t0)
+
+
+def _png(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(image, mode='RGB').save(buffer, format='png')
+  return buffer.getvalue()
+
+
+class LoopBenchImages64(tfds.core.GeneratorBasedBuilder):
+  """Random 64x64x3 images (PNG, as imagenet_resized/64x64) with 1000 classes."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def __init__(self, *, num_examples: int = 20000, **kwargs):
+    self._num_examples = num_examples
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=IMAGE_64),
+            'label': tfds.features.ClassLabel(num_classes=1000)}),
+        supervised_keys=('image', 'label'), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    rng = np.random.default_rng(0)
+    for i in range(self._num_examples):
+      yield i, {'image': _png(rng.integers(0, 256, IMAGE_64, dtype=np.uint8)),
+                'label': int(rng.integers(1000))}
+
+
+def images64_source(data_dir: str, num_examples: int) -> data.ImageSource:
+  """Writes the 64x64x3 array_record dataset into ``data_dir``; its train split, read
+  by index as any dataset too large for memory is."""
+  builder = LoopBenchImages64(num_examples=num_examples, data_dir=data_dir,
+                              file_format='array_record')
+  builder.download_and_prepare(
+      file_format='array_record',
+      download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return data.ImageSource(
+      name='loop_bench_images64', split='train', num_examples=num_examples,
+      image_shape=IMAGE_64, num_classes=1000, class_names=[str(i) for i in range(1000)],
+      data_source=builder.as_data_source(split='train'), in_memory=False)
+
+
+def measure_loop(run, records, *, steps: int, rounds: int, kinds, root: str) -> list:
+  """loop_over_step per phase kind (records); returns the rows of its table."""
+  phases = [(k, ph) for k, ph in _phases(run, steps) if k in kinds]
+  for kind, phase in phases:  # compile (cached by the loop) and warm up, untimed
+    _loop_rate(dataclasses.replace(phase, num_steps=3), run, root)
+    print(f'{kind}: warmed up', file=sys.stderr, flush=True)
+  measured = {k: {'loop': [], 'step': [], 'phase_seconds': []} for k, _ in phases}
+  for r in range(rounds):
+    for kind, phase in phases:
+      rate, seconds = _loop_rate(phase, run, root)
+      measured[kind]['loop'].append(rate)
+      measured[kind]['phase_seconds'].append(seconds)
+      measured[kind]['step'].append(_step_rate(phase, run))
+      print(f'round {r}: {kind}: loop {rate:.3f} steps/s, step '
+            f'{measured[kind]["step"][-1]:.3f} steps/s', file=sys.stderr, flush=True)
+  rows = []
+  for kind, phase in phases:
+    m = measured[kind]
+    loop_rate, step_rate = statistics.median(m['loop']), statistics.median(m['step'])
+    seconds = statistics.median(m['phase_seconds'])
+    records.add(f'loop_over_step_{kind}', loop_rate / step_rate, 'ratio')
+    records.add(f'loop_images_per_s_{kind}', loop_rate * phase.batch_size, 'images/s')
+    records.add(f'step_images_per_s_{kind}', step_rate * phase.batch_size, 'images/s')
+    records.add(f'phase_seconds_{kind}', seconds, 's')
+    rows.append([kind, phase.batch_size, f'{loop_rate:.3f}', f'{step_rate:.3f}',
+                 f'{loop_rate / step_rate:.3f}', f'{seconds:.1f}'])
+  common.table(
+      f'loop vs bare step ({run.config.data.name}, {jax.device_count()} x '
+      f'{jax.devices()[0].platform}, median of {rounds} rounds, {steps} steps)',
+      ['phase', 'batch', 'loop steps/s', 'step steps/s', 'loop_over_step', 'phase s'], rows)
+  return rows
+
+
+def measure_pipeline(run, records, *, workers, examples: int, images: int, root: str):
+  """The input pipeline alone: on the run's data at its batch and worker count, and on
+  a 64x64x3 array_record file per worker count (records)."""
+  batch = run.config.teacher.batch_size
+  rate = pipeline_rate(run.source, run.mesh, batch_size=batch, workers=run.ctx.data_workers,
+                       images=images)
+  records.add('input_pipeline_images_per_s', rate, 'images/s')
+  loops = [r['value'] for r in records.items if r['name'].startswith('loop_images_per_s_')]
+  line = (f'input pipeline alone ({run.config.data.name}, batch {batch}, '
+          f'{run.ctx.data_workers} workers): {rate:,.0f} images/s')
+  if loops:
+    records.add('input_pipeline_over_loop', rate / max(loops), 'ratio')
+    line += f' ({rate / max(loops):.0f}x the fastest loop\'s {max(loops):.0f} images/s)'
+  print(line, flush=True)
+  t0 = time.perf_counter()
+  source = images64_source(os.path.join(root, 'tfds'), examples)
+  print(f'wrote {examples} 64x64x3 PNG images as array_record in '
+        f'{time.perf_counter() - t0:.0f}s', file=sys.stderr, flush=True)
+  batch64 = 256
+  rows = []
+  for n in workers:
+    rate = pipeline_rate(source, run.mesh, batch_size=batch64, workers=n, images=images)
+    records.add(f'input_pipeline_64x64x3_images_per_s_workers{n}', rate, 'images/s')
+    rows.append([n, f'{rate:,.0f}'])
+    print(f'64x64x3, {n} workers: {rate:,.0f} images/s', file=sys.stderr, flush=True)
+  common.table(f'input pipeline alone, 64x64x3 array_record ({examples} PNG images, batch '
+               f'{batch64}, {common.cli_setup.usable_cores()} cores)',
+               ['workers', 'images/s'], rows)
+
+
+def measure(config, records, *, steps: int, rounds: int, kinds, only, workers,
+            examples: int, images: int):
+  root = tempfile.mkdtemp(prefix='gdistill_loop_bench_')
+  try:
+    run = train.Run(config, os.path.join(root, 'run'))
+    try:
+      if 'loop' in only:
+        measure_loop(run, records, steps=steps, rounds=rounds, kinds=kinds, root=root)
+      if 'pipeline' in only:
+        measure_pipeline(run, records, workers=workers, examples=examples, images=images,
+                         root=root)
+    finally:
+      run.close()
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run(setup, records):
+  """run.py's loop section: its config, sized down by --quick."""
+  quick = setup.quick
+  measure(setup.config, records, steps=5 if quick else 25, rounds=1 if quick else 2,
+          kinds=('teacher', 'stage1', 'stage2'), only=('loop', 'pipeline'),
+          workers=(0, 1) if quick else (0, 1, 2, 4), examples=2000 if quick else 20000,
+          images=2048 if quick else 10240)
 
 
 def main():
@@ -117,57 +276,23 @@ def main():
   p.add_argument('--steps', type=int, default=50, help='steps per timed loop and step run')
   p.add_argument('--rounds', type=int, default=2, help='interleaved rounds (median reported)')
   p.add_argument('--kinds', default='teacher,stage1,stage2')
+  p.add_argument('--only', default='loop,pipeline', help='comma-separated subset of '
+                 'loop,pipeline')
+  p.add_argument('--workers', default='0,1,2,4',
+                 help='Grain worker counts of the 64x64x3 pipeline record')
+  p.add_argument('--pipeline-examples', type=int, default=20000,
+                 help='images in the 64x64x3 array_record file')
+  p.add_argument('--pipeline-images', type=int, default=10240,
+                 help='images per pipeline timing')
   args = p.parse_args()
   config, _ = common.load_config(args.config, quick=args.quick)
-  root = tempfile.mkdtemp(prefix='gdistill_loop_bench_')
-  try:
-    run = train.Run(config, os.path.join(root, 'run'))
-    kinds = args.kinds.split(',')
-    phases = [(k, ph) for k, ph in _phases(run, args.steps) if k in kinds]
-    for kind, phase in phases:  # compile (cached by the loop) and warm up, untimed
-      _loop_rate(dataclasses.replace(phase, num_steps=3), run, root)
-      print(f'{kind}: warmed up', file=sys.stderr, flush=True)
-    measured = {k: {'loop': [], 'step': [], 'phase_seconds': []} for k, _ in phases}
-    for r in range(args.rounds):
-      for kind, phase in phases:
-        rate, seconds = _loop_rate(phase, run, root)
-        measured[kind]['loop'].append(rate)
-        measured[kind]['phase_seconds'].append(seconds)
-        measured[kind]['step'].append(_step_rate(phase, run))
-        print(f'round {r}: {kind}: loop {rate:.3f} steps/s, step '
-              f'{measured[kind]["step"][-1]:.3f} steps/s', file=sys.stderr, flush=True)
-    records = []
-    for kind, phase in phases:
-      m = measured[kind]
-      loop_rate, step_rate = statistics.median(m['loop']), statistics.median(m['step'])
-      records.append({
-          'phase': kind, 'batch_size': phase.batch_size, 'steps': args.steps,
-          'loop_steps_per_s': loop_rate, 'step_steps_per_s': step_rate,
-          'loop_over_step': loop_rate / step_rate,
-          'loop_images_per_s': loop_rate * phase.batch_size,
-          'phase_seconds': statistics.median(m['phase_seconds']),
-          'rounds': {k: v for k, v in m.items()}})
-    batch = max(ph.batch_size for _, ph in phases)
-    pipe = _pipeline_rate(run, batch, steps=200)
-    consumption = max(r['loop_images_per_s'] for r in records)
-    pipeline = {'images_per_s': pipe, 'batch_size': batch,
-                'over_fastest_loop': pipe / consumption, 'dataset': config.data.name,
-                'image_shape': list(run.source.image_shape)}
-    run.close()
-    common.table(
-        f'loop vs bare step ({config.data.name}, {jax.device_count()} x '
-        f'{jax.devices()[0].platform}, median of {args.rounds} rounds, {args.steps} steps)',
-        ['phase', 'batch', 'loop steps/s', 'step steps/s', 'loop_over_step', 'phase s'],
-        [[r['phase'], r['batch_size'], f'{r["loop_steps_per_s"]:.3f}',
-          f'{r["step_steps_per_s"]:.3f}', f'{r["loop_over_step"]:.3f}',
-          f'{r["phase_seconds"]:.1f}'] for r in records])
-    print(f'input pipeline alone: {pipe:,.0f} images/s at batch {batch} '
-          f'({pipe / consumption:.0f}x the fastest loop\'s {consumption:.0f} images/s)')
-    if args.json:
-      with open(args.json, 'w') as f:
-        json.dump({'loop': records, 'input_pipeline': pipeline}, f, indent=2)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
+  records = common.Records()
+  measure(config, records, steps=args.steps, rounds=args.rounds,
+          kinds=args.kinds.split(','), only=args.only.split(','),
+          workers=[int(n) for n in args.workers.split(',')],
+          examples=args.pipeline_examples, images=args.pipeline_images)
+  if args.json:
+    records.write(args.json)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,12 @@ The JSON file is a list of {"name", "value", "unit"}; among them:
   stage2_step_over_teacher_step      stage-2 step time / teacher step time
   sampling_speedup_over_nfe_ratio    (time 2x256 guided teacher / time 4-step student) / 128
   sampler_compile_ratio_1024_over_4  sampler compile time at N=1024 / at N=4
+  loop_over_step_{teacher,stage1,stage2}  the real loop's rate / its bare step's (loop.py)
+  input_pipeline_over_loop           the Grain pipeline alone / the fastest loop's images/s
+  input_pipeline_64x64x3_images_per_s_workersN  the pipeline on a 64x64x3 array_record file
+
+The loop section (benchmarks/loop.py) trains on the config's real data: on a machine
+without it, leave it out with --only=train,sampling,compile.
 """
 
 from __future__ import annotations
@@ -25,27 +31,30 @@ import time
 import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_FLAGS first
 
 import compile_time  # pylint: disable=g-import-not-at-top
+import loop  # pylint: disable=g-import-not-at-top
 import sampling_speed  # pylint: disable=g-import-not-at-top
 import train_steps  # pylint: disable=g-import-not-at-top
 
 HEADLINE = ('teacher_step_peak_fraction', 'stage1_step_over_teacher_step',
             'stage2_step_over_teacher_step', 'sampling_speedup_over_nfe_ratio',
-            'sampler_compile_ratio_1024_over_4')
+            'sampler_compile_ratio_1024_over_4', 'loop_over_step_teacher',
+            'loop_over_step_stage1', 'loop_over_step_stage2', 'input_pipeline_over_loop')
 
 
 def main():
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument('--sample-batch', type=int, default=None,
                  help='images per sampler call (default: 2 per class on CPU, 64 on accelerators)')
-  p.add_argument('--only', default='train,sampling,compile',
-                 help='comma-separated subset of train,sampling,compile')
+  p.add_argument('--only', default='train,sampling,compile,loop',
+                 help='comma-separated subset of train,sampling,compile,loop')
   args = p.parse_args()
   setup = common.make_setup(args)
   print(setup.describe(), flush=True)
   records = common.Records()
   only = set(args.only.split(','))
   sections = (('train', train_steps.run), ('sampling', functools.partial(
-      sampling_speed.run, batch=args.sample_batch)), ('compile', compile_time.run))
+      sampling_speed.run, batch=args.sample_batch)), ('compile', compile_time.run),
+              ('loop', loop.run))
   t0 = time.perf_counter()
   for name, run in sections:
     if name in only:

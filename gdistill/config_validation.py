@@ -60,6 +60,10 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('model.size', config.model.size, f'one of {sorted(unet.SIZES)}')
   if not config.data.name:
     _err('data.name', config.data.name, 'a dataset name such as fashion_mnist or cifar10')
+  workers = config.data.get('num_workers', -1)
+  if not isinstance(workers, int) or isinstance(workers, bool) or workers < -1:
+    _err('data.num_workers', workers, 'a number of worker processes >= 0, or -1 (one per '
+         '4 usable cores, at most 8)')
 
   w_min, w_max = config.guidance.w_min, config.guidance.w_max
   if w_min < 0:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdistill import checkpoint, preemption, sharding, xla_options
-from gdistill.data import global_batch
+from gdistill.data import train_batches
 from gdistill.metric_writer import MetricWriter, Progress, log
 from gdistill.train_state import TrainState
 
@@ -74,6 +74,7 @@ class LoopContext:
   max_to_keep: int = 2
   keep_train_state: bool = False  # a finished phase keeps its optimiser state too
   dispatch_depth: int = DISPATCH_DEPTH
+  data_workers: int = 0  # Grain worker processes reading the batches (0: this process)
   compile_options: dict = dataclasses.field(default_factory=dict)  # xla_options.compile_options
 
 
@@ -268,9 +269,12 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
   step = int(state.step)
   batch_sh = sharding.batch_sharding(ctx.mesh)
   rng = jax.device_put(phase_rng(ctx.seed, phase.name), sharding.replicated(ctx.mesh))
-  get_batch = lambda s: global_batch(ctx.source, seed=ctx.seed, step=s,
-                                     batch_size=phase.batch_size, sharding=batch_sh)
-  batch = get_batch(step)
+  # The data position is the step: resumed at ``step``, the batches are those of an
+  # uninterrupted run (gdistill.data.pipeline).
+  batches = train_batches(ctx.source, seed=ctx.seed, batch_size=phase.batch_size,
+                          sharding=batch_sh, start=step, stop=phase.num_steps,
+                          workers=ctx.data_workers)
+  batch = next(batches)
   update = compile_step(phase, ctx, state, batch, rng)
   progress = Progress(name=phase.name, start_step=step, total_steps=phase.num_steps,
                       batch_size=phase.batch_size)
@@ -282,7 +286,7 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
     metrics.add(step, step_metrics)
     last = step == phase.num_steps
     if not last:
-      batch = get_batch(step)  # host work overlaps the device steps in flight
+      batch = next(batches)  # placed on the devices while the steps in flight run
     if progress._t0 is None:  # the rate counts from the end of the first step
       jax.block_until_ready(step_metrics)
       progress.start(step)
@@ -309,4 +313,5 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
     if phase.track is not None and (last or (
         phase.track_every and step % phase.track_every == 0)):
       progress.exclude(track(phase, ctx, step, state))
+  batches.close()
   return state

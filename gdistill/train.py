@@ -17,6 +17,7 @@ import os
 import jax
 
 from gdistill import compiled_samplers, run_plan, sharding, storage, workdir_lock
+from gdistill.data import num_workers
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, run_phase
 from gdistill.metric_writer import MetricWriter, log
@@ -43,6 +44,7 @@ class Run:
                            seed=config.seed, strategy=config.sharding, writer=self.writer,
                            log_every=config.log_every, max_to_keep=config.checkpoint.max_to_keep,
                            keep_train_state=config.checkpoint.keep_train_state,
+                           data_workers=num_workers(config.data.num_workers),
                            compile_options=setup.compile_options)
     self.builder = PhaseBuilder(config, self.store)
     self._features = None  # (feature net, real-data statistics) of in-training tracking

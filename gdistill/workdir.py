@@ -19,6 +19,7 @@ CONFIG_FILE = 'config.json'
 # how to log and evaluate, and how to lay the work out on devices.
 MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'checkpoint',
                     'mesh', 'sharding', 'multihost', 'data.data_dir', 'data.download',
+                    'data.num_workers',
                     'teacher_checkpoint', 'precision', 'cpu_xla_tuned', 'track')
 # Keys added after workdirs were recorded, with the value that behaves as gdistill did
 # before them: a record without the key matches a config with that value.

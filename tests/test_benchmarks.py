@@ -49,3 +49,14 @@ def test_run_quick_writes_the_headline_records(tmp_path):
   for name in HEADLINE:
     assert name in records and records[name] > 0, name
   assert 'Headline' in stdout and 'wall: train' in stdout
+
+
+def test_loop_benchmark_times_the_input_pipeline_alone(tmp_path):
+  """The pipeline records only (the loop records train three phases: run.py's slow test
+  covers them): the embedded data and a small 64x64x3 array_record file, in-process."""
+  records, stdout = _bench('loop.py', '--quick', '--only=pipeline', '--workers=0',
+                           '--pipeline-examples=300', '--pipeline-images=512',
+                           tmp_path=tmp_path)
+  assert records['input_pipeline_images_per_s'] > 0
+  assert records['input_pipeline_64x64x3_images_per_s_workers0'] > 0
+  assert 'input pipeline alone' in stdout and '64x64x3 array_record' in stdout

@@ -75,6 +75,17 @@ def test_cpu_xla_tuned_must_be_a_bool():
     config_validation.validate(config)
 
 
+def test_data_num_workers_is_a_count_or_auto():
+  config = load_config('fashion_mnist')
+  assert config.data.num_workers == -1  # from the usable cores
+  for workers in (0, 4):
+    config.data.num_workers = workers
+    config_validation.validate(config)
+  config.data.num_workers = -2
+  with pytest.raises(config_validation.ConfigError, match=r'data\.num_workers=-2'):
+    config_validation.validate(config)
+
+
 @pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10', 'imagenet64'])
 def test_full_size_model_builds_and_shards(name, devices8):
   config = load_config(name)

@@ -1,4 +1,4 @@
-"""Tests of gdistill.data: offline Fashion-MNIST, TFDS sources, batching."""
+"""Tests of gdistill.data: offline Fashion-MNIST, TFDS sources, the Grain pipeline."""
 
 import gzip
 import importlib.util
@@ -135,6 +135,9 @@ def test_open_source_reads_by_index_when_not_in_memory(prepared_dir,
   images, labels = raw_fashion['train']
   np.testing.assert_array_equal(batch['image'], images[[99, 3]])
   np.testing.assert_array_equal(batch['label'], labels[[99, 3]])
+  example = source.examples()[99]  # what the training pipeline reads
+  np.testing.assert_array_equal(example['image'], images[99])
+  assert example['label'] == labels[99] and example['label'].dtype == np.int32
 
 
 def _assert_fast_data_error(match, **kwargs):
@@ -204,67 +207,28 @@ def test_generic_tfds_path_with_mock_data(monkeypatch):
   assert ((batch['label'] >= 0) & (batch['label'] < 10)).all()
 
 
-# --- batch_indices ---------------------------------------------------------------
-
-
-def _epoch(seed, num_examples, batch_size, epoch):
-  steps_per_epoch = num_examples // batch_size
-  return np.concatenate([
-      data.batch_indices(seed=seed, step=s, batch_size=batch_size,
-                         num_examples=num_examples)
-      for s in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
-  ])
-
-
-def test_batch_indices_is_a_pure_function_of_seed_and_step():
-  args = dict(seed=3, step=41, batch_size=16, num_examples=100)
-  first = data.batch_indices(**args)
-  data.batch_indices(seed=9, step=0, batch_size=16, num_examples=100)
-  np.testing.assert_array_equal(first, data.batch_indices(**args))
-  assert first.dtype == np.int64 and first.shape == (16,)
-
-
-def test_batch_indices_cover_each_epoch_exactly_once():
-  for epoch in range(3):
-    order = _epoch(seed=0, num_examples=120, batch_size=8, epoch=epoch)
-    np.testing.assert_array_equal(np.sort(order), np.arange(120))
-
-
-def test_batch_indices_follow_the_documented_permutation():
-  # batch_size 7 does not divide 20: step 2 straddles epochs 0 and 1.
-  got = data.batch_indices(seed=5, step=2, batch_size=7, num_examples=20)
-  perm0 = np.random.default_rng([5, 0]).permutation(20)
-  perm1 = np.random.default_rng([5, 1]).permutation(20)
-  np.testing.assert_array_equal(got, np.concatenate([perm0[14:], perm1[:1]]))
-
-
-def test_batch_indices_differ_across_epochs_and_seeds():
-  base = _epoch(seed=0, num_examples=120, batch_size=8, epoch=0)
-  assert not np.array_equal(base, _epoch(0, 120, 8, epoch=1))
-  assert not np.array_equal(base, _epoch(1, 120, 8, epoch=0))
-
-
-def test_batch_indices_rejects_bad_arguments():
-  with pytest.raises(ValueError, match='step'):
-    data.batch_indices(seed=0, step=-1, batch_size=4, num_examples=10)
-  with pytest.raises(ValueError, match='batch_size'):
-    data.batch_indices(seed=0, step=0, batch_size=0, num_examples=10)
-
-
-# --- global_batch ----------------------------------------------------------------
+# --- the Grain training pipeline -------------------------------------------------
 
 
 def _fake_source(num_examples=40, shape=(4, 4, 1)):
+  """A source whose label is the example's index (so batches show their order)."""
   rng = np.random.default_rng(0)
-  examples = [{'image': rng.integers(0, 256, shape, dtype=np.uint8),
-               'label': i % 10} for i in range(num_examples)]
+  examples = [{'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i}
+              for i in range(num_examples)]
   examples[0]['image'][...] = 0
   examples[1]['image'][...] = 255
   return data.ImageSource(
       name='fake', split='train', num_examples=num_examples,
-      image_shape=shape, num_classes=10,
-      class_names=[str(i) for i in range(10)], data_source=examples,
+      image_shape=shape, num_classes=num_examples,
+      class_names=[str(i) for i in range(num_examples)], data_source=examples,
       in_memory=True), examples
+
+
+def _order(source, *, seed, batch_size, steps, rows=None):
+  """Example indices of global batches 0 .. steps - 1, in order (rows: a process's)."""
+  batches = pipeline.local_batches(source, seed=seed, batch_size=batch_size,
+                                   rows=rows or slice(0, batch_size))
+  return np.concatenate([batches[s]['label'] for s in range(steps)])
 
 
 def _sharding(devices):
@@ -272,26 +236,122 @@ def _sharding(devices):
   return NamedSharding(mesh, PartitionSpec('data'))
 
 
+def _host(batches):
+  return [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  source, _ = _fake_source()
+  first = _order(source, seed=3, batch_size=8, steps=12)
+  np.testing.assert_array_equal(first, _order(source, seed=3, batch_size=8, steps=12))
+  assert not np.array_equal(first, _order(source, seed=4, batch_size=8, steps=12))
+
+
+def test_each_epoch_visits_every_example_once_in_its_own_order():
+  source, _ = _fake_source(num_examples=20)
+  # batch 7 does not divide 20: batch 2 straddles epochs 0 and 1.
+  order = _order(source, seed=5, batch_size=7, steps=9)
+  epochs = order[:60].reshape(3, 20)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(20))
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert not np.array_equal(epochs[0], np.arange(20))
+
+
+def test_shuffle_seeds_are_mixed():
+  # Grain seeds epoch e with seed + e: without mixing, seed 1's first epoch would
+  # be seed 0's second.
+  source, _ = _fake_source()
+  assert pipeline.shuffle_seed(0) + 1 != pipeline.shuffle_seed(1)
+  second_of_0 = _order(source, seed=0, batch_size=8, steps=10)[40:]
+  assert not np.array_equal(second_of_0, _order(source, seed=1, batch_size=8, steps=5))
+
+
+def test_a_process_reads_only_its_block_of_each_global_batch():
+  source, _ = _fake_source()
+  whole = _order(source, seed=2, batch_size=8, steps=6).reshape(6, 8)
+  for p in range(2):  # process p of 2 holds rows 4p .. 4p + 3
+    part = _order(source, seed=2, batch_size=8, steps=6, rows=slice(4 * p, 4 * p + 4))
+    np.testing.assert_array_equal(part.reshape(6, 4), whole[:, 4 * p:4 * p + 4])
+  with pytest.raises(ValueError, match='blocks'):
+    pipeline.local_batches(source, seed=0, batch_size=8, rows=slice(2, 5))
+
+
 @pytest.mark.parametrize('num_devices', [1, None])
-def test_global_batch_gives_scaled_sharded_arrays(num_devices):
+def test_train_batches_gives_scaled_sharded_arrays(num_devices):
   devices = jax.devices()[:num_devices]
   source, examples = _fake_source()
   batch_size = 8 * len(devices)
   sharding = _sharding(devices)
-  batch = data.global_batch(source, seed=1, step=2, batch_size=batch_size,
-                            sharding=sharding)
+  batches = data.train_batches(source, seed=1, batch_size=batch_size, sharding=sharding,
+                               start=2, stop=3)
+  batch = next(batches)
   image, label = batch['image'], batch['label']
   assert image.shape == (batch_size, 4, 4, 1) and image.dtype == np.float32
   assert label.shape == (batch_size,) and label.dtype == np.int32
   assert image.sharding == sharding
   assert label.sharding.spec == PartitionSpec('data')
-  indices = data.batch_indices(seed=1, step=2, batch_size=batch_size,
-                               num_examples=source.num_examples)
+  indices = _order(source, seed=1, batch_size=batch_size, steps=3)[2 * batch_size:]
+  np.testing.assert_array_equal(np.asarray(label), indices)
   expected = np.stack([examples[i]['image'] for i in indices])
-  np.testing.assert_allclose(np.asarray(image), expected / 127.5 - 1,
-                             atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(label), indices % 10)
+  np.testing.assert_allclose(np.asarray(image), expected / 127.5 - 1, atol=1e-6)
   assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+  with pytest.raises(StopIteration):
+    next(batches)
+
+
+def test_resumed_mid_epoch_gives_the_batches_of_an_uninterrupted_run():
+  """5 batches per epoch: resuming at step 7 (epoch 1, its third batch) by position,
+  as the loop does from its checkpoint's step, or from the Grain iterator's state,
+  gives exactly the batches the uninterrupted run saw."""
+  source, _ = _fake_source()
+  sharding = _sharding(jax.devices())
+  batch_size = 8 * len(jax.devices())
+  run = lambda start: _host(data.train_batches(
+      source, seed=1, batch_size=batch_size, sharding=sharding, start=start, stop=12))
+  uninterrupted, resumed = run(0), run(7)
+  assert len(resumed) == 5
+  for want, got in zip(uninterrupted[7:], resumed):
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+  dataset = pipeline.local_batches(source, seed=1, batch_size=8,
+                                   rows=slice(0, 8)).to_iter_dataset()
+  iterator = iter(dataset)
+  seen = [next(iterator) for _ in range(7)]
+  state = iterator.get_state()
+  assert state == {'next_index': 7}  # the Grain iterator's whole state: the step
+  after = [next(iterator) for _ in range(5)]
+  restored = iter(dataset)
+  restored.set_state(state)
+  for want, got in zip(after, [next(restored) for _ in range(5)]):
+    np.testing.assert_array_equal(got['label'], want['label'])
+    np.testing.assert_array_equal(got['image'], want['image'])
+  del seen
+
+
+@pytest.mark.slow  # starts worker processes: seconds each, more on a busy machine
+def test_worker_processes_give_the_same_batches():
+  source, _ = _fake_source()
+  sharding = _sharding(jax.devices())
+  batch_size = 8 * len(jax.devices())
+  run = lambda workers: _host(data.train_batches(
+      source, seed=1, batch_size=batch_size, sharding=sharding, start=3, stop=11,
+      workers=workers))
+  in_process = run(0)
+  for got, want in zip(run(2), in_process):
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_auto_workers_follow_the_cores(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(2)))
+  assert data.num_workers(data.AUTO_WORKERS) == 0
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)))
+  assert data.num_workers(data.AUTO_WORKERS) == 4
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(240)))
+  assert data.num_workers(data.AUTO_WORKERS) == 8
+  assert data.num_workers(3) == 3
 
 
 def test_to_model_input_maps_extremes_to_minus_one_and_one():
@@ -302,9 +362,9 @@ def test_to_model_input_maps_extremes_to_minus_one_and_one():
   assert out['image'].dtype == np.float32 and out['label'].dtype == np.int32
 
 
-def test_global_batch_requires_batch_divisible_by_process_count(monkeypatch):
+def test_train_batches_requires_batch_divisible_by_process_count(monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 3)
   source, _ = _fake_source()
   with pytest.raises(ValueError, match='batch_size'):
-    data.global_batch(source, seed=0, step=0, batch_size=8,
-                      sharding=_sharding(jax.devices()[:1]))
+    data.train_batches(source, seed=0, batch_size=8, sharding=_sharding(jax.devices()[:1]),
+                       start=0, stop=1)

@@ -1,5 +1,8 @@
 """Image classification data sources backed by TFDS, without TensorFlow.
 
+``ImageSource.examples()`` is a split as a Grain dataset (the training
+pipeline, ``gdistill.data.pipeline``, builds on it).
+
 ``open_source`` opens any prepared TFDS image classification dataset
 (``cifar10``, ``imagenet_resized/64x64``, ``mnist``, ...) through TFDS's
 random-access ``array_record`` data sources, and prepares Fashion-MNIST
@@ -19,6 +22,7 @@ import os
 import threading
 from typing import Any
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -28,6 +32,7 @@ DEFAULT_FASHION_MNIST_DIR = fashion_mnist_local.DEFAULT_SOURCE_DIR
 # Datasets whose decoded images take less than this are decoded into memory.
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
 _LOAD_CHUNK = 10_000
+_LOAD_THREADS = 4  # decoding threads of the in-memory load
 _EXAMPLE_NAMES = ('cifar10', 'fashion_mnist', 'mnist', 'imagenet_resized/64x64')
 _FASHION_NAMES = ('fashion_mnist', fashion_mnist_local.NAME)
 _APT_FIX = 'sudo apt-get install dataset-fashion-mnist'
@@ -53,7 +58,8 @@ class ImageSource:
     data_source: The TFDS random-access data source the examples come from.
     in_memory: Whether the whole split is decoded into memory on first use
       (``open_source`` sets it when the decoded split is under
-      ``IN_MEMORY_MAX_BYTES``); otherwise ``get`` reads by index.
+      ``IN_MEMORY_MAX_BYTES``); otherwise ``get`` and ``examples`` read and
+      decode by index.
     image_key: Feature key of the images in the data source's examples.
     label_key: Feature key of the labels.
   """
@@ -76,7 +82,7 @@ class ImageSource:
       default_factory=threading.Lock, init=False, repr=False, compare=False)
 
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns the examples at ``indices``.
+    """Returns the examples at ``indices`` (random access, for evaluation).
 
     Args:
       indices: 1-D integer array of example indices in ``[0, num_examples)``.
@@ -92,12 +98,31 @@ class ImageSource:
     if self.in_memory:
       self._ensure_loaded()
       return {'image': self._images[indices], 'label': self._labels[indices]}
-    return self._read(indices)
+    examples = self._decoded()
+    return _stack([examples[int(i)] for i in indices], self.image_shape)
 
   def load(self) -> None:
     """Decodes the whole split into memory now (no-op if not ``in_memory``)."""
     if self.in_memory:
       self._ensure_loaded()
+
+  def examples(self) -> grain.MapDataset:
+    """The split as a Grain dataset: element ``i`` is example ``i``,
+    ``{'image': uint8 [H, W, C], 'label': int32}``.
+
+    An ``in_memory`` split is decoded once and read from its arrays; any other is
+    read and decoded element by element from the TFDS data source, in whichever
+    thread or worker process the Grain pipeline reads it.
+    """
+    if not self.in_memory:
+      return self._decoded()
+    self._ensure_loaded()
+    return grain.MapDataset.source(_Arrays(self._images, self._labels))
+
+  def _decoded(self) -> grain.MapDataset:
+    """The TFDS data source's examples, decoded and reduced to image and label."""
+    return grain.MapDataset.source(self.data_source).map(
+        _Example(self.image_key, self.label_key, self.image_shape))
 
   def _check_indices(self, indices: np.ndarray) -> np.ndarray:
     """Validates ``indices``; returns them as int64."""
@@ -114,37 +139,62 @@ class ImageSource:
           f' {self.name}:{self.split} with {self.num_examples} examples.')
     return indices.astype(np.int64, copy=False)
 
-  def _read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Reads and decodes ``indices`` from the TFDS data source."""
-    n = indices.shape[0]
-    images = np.empty((n, *self.image_shape), np.uint8)
-    labels = np.empty((n,), np.int32)
-    keys = [int(i) for i in indices]
-    if hasattr(self.data_source, '__getitems__'):
-      examples = self.data_source.__getitems__(keys) if keys else []
-    else:
-      examples = [self.data_source[k] for k in keys]
-    for row, example in enumerate(examples):
-      images[row] = np.asarray(example[self.image_key]).reshape(
-          self.image_shape)
-      labels[row] = example[self.label_key]
-    return {'image': images, 'label': labels}
-
   def _ensure_loaded(self) -> None:
-    """Decodes the whole split into ``_images``/``_labels`` once."""
+    """Decodes the whole split into ``_images``/``_labels`` once (Grain's reader
+    threads decode in parallel)."""
     with self._lock:
       if self._images is not None:
         return
       logging.info('Decoding %s:%s (%d examples) into memory.', self.name,
                    self.split, self.num_examples)
+      chunks = self._decoded().batch(_LOAD_CHUNK).to_iter_dataset(
+          grain.ReadOptions(num_threads=_LOAD_THREADS, prefetch_buffer_size=_LOAD_THREADS))
       images = np.empty((self.num_examples, *self.image_shape), np.uint8)
       labels = np.empty((self.num_examples,), np.int32)
-      for start in range(0, self.num_examples, _LOAD_CHUNK):
-        chunk = np.arange(start, min(start + _LOAD_CHUNK, self.num_examples))
-        batch = self._read(chunk)
-        images[chunk] = batch['image']
-        labels[chunk] = batch['label']
+      start = 0
+      for chunk in chunks:
+        stop = start + chunk['label'].shape[0]
+        images[start:stop], labels[start:stop] = chunk['image'], chunk['label']
+        start = stop
       self._images, self._labels = images, labels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+  """A TFDS example reduced to ``{'image': uint8 [H, W, C], 'label': int32}``
+  (a class, not a closure: Grain pickles it into its worker processes)."""
+
+  image_key: str
+  label_key: str
+  image_shape: tuple[int, int, int]
+
+  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {'image': np.asarray(example[self.image_key], np.uint8).reshape(self.image_shape),
+            'label': np.int32(example[self.label_key])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arrays:
+  """Random access to decoded ``images [n, H, W, C]`` and ``labels [n]``."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return self.labels.shape[0]
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {'image': self.images[index], 'label': self.labels[index]}
+
+
+def _stack(examples: list[dict[str, np.ndarray]],
+           image_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+  """``{'image': uint8 [n, H, W, C], 'label': int32 [n]}`` of a list of examples."""
+  images = np.empty((len(examples), *image_shape), np.uint8)
+  labels = np.empty((len(examples),), np.int32)
+  for row, example in enumerate(examples):
+    images[row], labels[row] = example['image'], example['label']
+  return {'image': images, 'label': labels}
 
 
 def open_source(
