@@ -11,9 +11,15 @@ from gdistill.models.unet import UNet, build_unet
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+# Model keys that change how a step computes, not the network: left out of the
+# checkpoint meta (like ``precision``), so a checkpoint loads with either value.
+COMPUTE_KEYS = ('remat',)
+
+
 def model_kwargs(config) -> dict:
-  """The model section as plain keyword arguments (also saved in checkpoint meta)."""
-  kw = config.model.to_dict()
+  """The model section as plain keyword arguments (also saved in checkpoint meta),
+  less ``COMPUTE_KEYS``."""
+  kw = {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_KEYS}
   kw['ch_mult'] = list(kw['ch_mult'])
   kw['attn_resolutions'] = list(kw['attn_resolutions'])
   return kw
@@ -25,7 +31,8 @@ def make_net(config, *, num_classes: int, out_ch: int, use_w: bool, dropout=None
   if dropout is not None:
     kw['dropout'] = dropout
   return build_unet(size=size, num_classes=num_classes, out_ch=out_ch, use_w=use_w,
-                    dtype=COMPUTE_DTYPES[config.precision], **kw)
+                    dtype=COMPUTE_DTYPES[config.precision],
+                    remat=bool(config.model.get('remat', False)), **kw)
 
 
 def init_params(net: UNet, rng, image_shape):
