@@ -67,6 +67,11 @@ class GroupNorm(nn.Module):
   [B, H, W, G, C/G] view, whose short inner axis (3 channels per group at 96
   channels) is slow on CPU, and applies the affine and FiLM as separate
   elementwise passes.
+
+  The result has the input's dtype: under bfloat16 compute the statistics
+  and the multiply-add run in float32 inside one fusion, and what leaves the
+  norm (and is kept for the backward pass) is bfloat16, not a float32 copy
+  of the activation.
   """
   num_groups: int
   epsilon: float = 1e-6
@@ -89,7 +94,7 @@ class GroupNorm(nn.Module):
       film_scale = film_scale.reshape(B, C).astype(jnp.float32)
       mul, add = mul * (1.0 + film_scale), add * (1.0 + film_scale) + film_shift.reshape(B, C)
     bshape = (B,) + (1,) * (x.ndim - 2) + (C,)
-    return x * mul.reshape(bshape) + add.reshape(bshape)
+    return (xf * mul.reshape(bshape) + add.reshape(bshape)).astype(x.dtype)
 
 
 class Dropout(nn.Module):
