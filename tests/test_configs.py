@@ -92,7 +92,9 @@ def test_remat_on_for_imagenet64_and_not_part_of_the_network(tmp_path):
   del old['model']['remat']  # a workdir of before the key
   (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(old))
   workdir.check_config(config, str(tmp_path))
-  config.model.remat = 'block'
+  with config.unlocked():
+    del config.model['remat']
+    config.model.remat = 'block'  # a config file may set anything
   with pytest.raises(config_validation.ConfigError, match=r"model.remat='block': expected True"):
     config_validation.validate(config)
 
