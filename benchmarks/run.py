@@ -15,6 +15,7 @@ The JSON file is a list of {"name", "value", "unit"}; among them:
   stage2_step_over_teacher_step      stage-2 step time / teacher step time
   sampling_speedup_over_nfe_ratio    (time 2x256 guided teacher / time 4-step student) / 128
   sampler_compile_ratio_1024_over_4  sampler compile time at N=1024 / at N=4
+  stage1_step_memory_remat_over_no_remat  XLA's bytes per device with / without remat
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_FLAGS first
 
 import compile_time  # pylint: disable=g-import-not-at-top
+import memory  # pylint: disable=g-import-not-at-top
 import sampling_speed  # pylint: disable=g-import-not-at-top
 import train_steps  # pylint: disable=g-import-not-at-top
 
@@ -37,15 +39,16 @@ def main():
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument('--sample-batch', type=int, default=None,
                  help='images per sampler call (default: 2 per class on CPU, 64 on accelerators)')
-  p.add_argument('--only', default='train,sampling,compile',
-                 help='comma-separated subset of train,sampling,compile')
+  p.add_argument('--only', default='train,sampling,compile,memory',
+                 help='comma-separated subset of train,sampling,compile,memory')
   args = p.parse_args()
   setup = common.make_setup(args)
   print(setup.describe(), flush=True)
   records = common.Records()
   only = set(args.only.split(','))
   sections = (('train', train_steps.run), ('sampling', functools.partial(
-      sampling_speed.run, batch=args.sample_batch)), ('compile', compile_time.run))
+      sampling_speed.run, batch=args.sample_batch)), ('compile', compile_time.run),
+              ('memory', memory.run))
   t0 = time.perf_counter()
   for name, run in sections:
     if name in only:
