@@ -19,6 +19,8 @@ The JSON file is a list of {"name", "value", "unit"}; among them:
   input_pipeline_over_loop           the Grain pipeline alone / the fastest loop's images/s
   input_pipeline_64x64x3_images_per_s_workersN  the pipeline on a 64x64x3 array_record file
 
+  stage1_step_memory_remat_over_no_remat  XLA's bytes per device with / without remat
+
 The loop section (benchmarks/loop.py) trains on the config's real data: on a machine
 without it, leave it out with --only=train,sampling,compile.
 """
@@ -32,6 +34,7 @@ import common  # pylint: disable=g-bad-import-order  # sets up sys.path and XLA_
 
 import compile_time  # pylint: disable=g-import-not-at-top
 import loop  # pylint: disable=g-import-not-at-top
+import memory  # pylint: disable=g-import-not-at-top
 import sampling_speed  # pylint: disable=g-import-not-at-top
 import train_steps  # pylint: disable=g-import-not-at-top
 
@@ -45,8 +48,8 @@ def main():
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument('--sample-batch', type=int, default=None,
                  help='images per sampler call (default: 2 per class on CPU, 64 on accelerators)')
-  p.add_argument('--only', default='train,sampling,compile,loop',
-                 help='comma-separated subset of train,sampling,compile,loop')
+  p.add_argument('--only', default='train,sampling,compile,loop,memory',
+                 help='comma-separated subset of train,sampling,compile,loop,memory')
   args = p.parse_args()
   setup = common.make_setup(args)
   print(setup.describe(), flush=True)
@@ -54,7 +57,7 @@ def main():
   only = set(args.only.split(','))
   sections = (('train', train_steps.run), ('sampling', functools.partial(
       sampling_speed.run, batch=args.sample_batch)), ('compile', compile_time.run),
-              ('loop', loop.run))
+              ('loop', loop.run), ('memory', memory.run))
   t0 = time.perf_counter()
   for name, run in sections:
     if name in only:

@@ -25,8 +25,11 @@ def get_config():
   c.data.eval_split = 'validation'
   c.precision = 'bfloat16'
   c.sharding = 'fsdp'
+  # remat: each U-Net block recomputed in the backward pass; at 128 images per
+  # device (2048 over 16) it cuts XLA's planned bytes per device (README, "Running at
+  # scale"; benchmarks/memory.py) for about 1/3 more step compute.
   c.model.update(size='imagenet64', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
-                 attn_resolutions=(32, 16, 8), dropout=0.1)
+                 attn_resolutions=(32, 16, 8), dropout=0.1, remat=True)
   c.log_every = 100
   c.teacher.update(num_steps=400_000, batch_size=2048, learning_rate=3e-4, warmup_steps=5000,
                    ema_decay=0.9999, checkpoint_every=5000)

@@ -58,6 +58,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
          f'one of {diffusion.LOSS_WEIGHTINGS}')
   if config.model.size not in unet.SIZES:
     _err('model.size', config.model.size, f'one of {sorted(unet.SIZES)}')
+  if not isinstance(config.model.get('remat', False), bool):
+    _err('model.remat', config.model.remat, 'True or False')
   if not config.data.name:
     _err('data.name', config.data.name, 'a dataset name such as fashion_mnist or cifar10')
   workers = config.data.get('num_workers', -1)

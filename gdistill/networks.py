@@ -11,14 +11,20 @@ from gdistill.models.unet import UNet, build_unet
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+# Model keys that change how a step computes, not the network: left out of the
+# checkpoint meta (like ``precision``), so a checkpoint loads with either value.
+COMPUTE_KEYS = ('remat',)
+
+
 def model_kwargs(config, *, use_w: bool = True) -> dict:
-  """The model section as plain keyword arguments (also saved in checkpoint meta).
+  """The model section as plain keyword arguments (also saved in checkpoint meta), less
+  ``COMPUTE_KEYS``.
 
   ``w_relative`` only where it means something and differs from the U-Net's default
   (False): a teacher (no w branch) and every model saved before the key existed carry
   no such entry.
   """
-  kw = config.model.to_dict()
+  kw = {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_KEYS}
   kw['ch_mult'] = list(kw['ch_mult'])
   kw['attn_resolutions'] = list(kw['attn_resolutions'])
   if not (use_w and kw.get('w_relative')):
@@ -32,7 +38,8 @@ def make_net(config, *, num_classes: int, out_ch: int, use_w: bool, dropout=None
   if dropout is not None:
     kw['dropout'] = dropout
   return build_unet(size=size, num_classes=num_classes, out_ch=out_ch, use_w=use_w,
-                    dtype=COMPUTE_DTYPES[config.precision], **kw)
+                    dtype=COMPUTE_DTYPES[config.precision],
+                    remat=bool(config.model.get('remat', False)), **kw)
 
 
 def init_params(net: UNet, rng, image_shape):

@@ -16,11 +16,13 @@ from gdistill import storage
 
 CONFIG_FILE = 'config.json'
 # Keys that may change between invocations on one workdir: what to run next,
-# how to log and evaluate, and how to lay the work out on devices.
+# how to log and evaluate, and how to lay the work out on devices (and in memory:
+# model.remat).
 MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'checkpoint',
                     'mesh', 'sharding', 'multihost', 'data.data_dir', 'data.download',
                     'data.num_workers',
-                    'teacher_checkpoint', 'precision', 'cpu_xla_tuned', 'track')
+                    'teacher_checkpoint', 'precision', 'cpu_xla_tuned', 'track',
+                    'model.remat')
 # Keys added after workdirs were recorded, with the value that behaves as gdistill did
 # before them: a record without the key matches a config with that value.
 ADDED = {f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 'stage2')}

@@ -2,13 +2,14 @@
 (abstractly), shard, and run every training stage for a step at tiny size."""
 
 import importlib.util
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from gdistill import config_validation, run_setup, sharding, train
+from gdistill import config_validation, networks, run_setup, sharding, train, workdir
 from gdistill.data import ImageSource
 from gdistill.models.unet import UNet
 from gdistill.networks import init_params, param_count
@@ -83,6 +84,29 @@ def test_data_num_workers_is_a_count_or_auto():
     config_validation.validate(config)
   config.data.num_workers = -2
   with pytest.raises(config_validation.ConfigError, match=r'data\.num_workers=-2'):
+    config_validation.validate(config)
+
+
+def test_remat_on_for_imagenet64_and_not_part_of_the_network(tmp_path):
+  """model.remat: on where the full-scale config needs the memory, off on the CPU
+  configs; a bool; left out of the checkpoint meta and changeable on a workdir,
+  so checkpoints and workdirs of either value (or of before the key) load."""
+  for name in CONFIGS:
+    assert load_config(name).model.remat is (name == 'imagenet64'), name
+  config = load_config('imagenet64')
+  assert 'remat' not in networks.model_kwargs(config)
+  assert networks.make_net(config, num_classes=1000, out_ch=3, use_w=False).remat
+  workdir.record_config(config, str(tmp_path))
+  config.model.remat = False
+  workdir.check_config(config, str(tmp_path))
+  old = json.loads((tmp_path / workdir.CONFIG_FILE).read_text())
+  del old['model']['remat']  # a workdir of before the key
+  (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(old))
+  workdir.check_config(config, str(tmp_path))
+  with config.unlocked():
+    del config.model['remat']
+    config.model.remat = 'block'  # a config file may set anything
+  with pytest.raises(config_validation.ConfigError, match=r"model.remat='block': expected True"):
     config_validation.validate(config)
 
 

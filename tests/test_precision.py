@@ -96,6 +96,34 @@ def test_bfloat16_convolutions_and_matmuls_compute_in_bf16():
   assert set(_ops(net32, p, 'convolution')) == {'f32'}
 
 
+@pytest.mark.parametrize('remat', [False, True])
+def test_bfloat16_activations_stay_bf16_between_layers(remat):
+  """What every norm, residual block, attention block and convolution of the
+  bf16 U-Net hands on is bf16 (the norm's statistics are float32 inside it):
+  no float32 copy of an activation flows between layers, to be kept for the
+  backward pass. Only the network's output is float32. Traced, not compiled."""
+  config = smoke_config('bfloat16')
+  config.model.update(attn_resolutions=(14,), remat=remat)
+  net = networks.make_net(config, num_classes=NUM_CLASSES, out_ch=IMAGE_SHAPE[-1], use_w=False)
+  params = jax.eval_shape(lambda r: networks.init_params(net, r, IMAGE_SHAPE),
+                          jax.random.PRNGKey(0))
+  out, state = jax.eval_shape(
+      lambda p: net.apply({'params': p}, *_inputs(), capture_intermediates=True,
+                          mutable=['intermediates']), params)
+  assert out.dtype == jnp.float32
+  found = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(state['intermediates']):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names[:-1] and x.ndim == 4:  # an image-shaped output of a layer (not the U-Net's own)
+      found['/'.join(names[:-1])] = x.dtype
+  last = [name.rsplit('/', 1)[-1] for name in found]
+  assert any(n.startswith('norm') for n in last), sorted(found)  # GroupNorm (+ FiLM)
+  assert any('_block_' in n for n in last) and 'mid_attn' in last, sorted(found)
+  assert any(n.startswith('conv') for n in last), sorted(found)
+  promoted = {k: str(v) for k, v in found.items() if v != jnp.bfloat16}
+  assert not promoted, promoted
+
+
 def test_bfloat16_loss_finite_and_close_to_float32():
   """Teacher loss of the same params, batch and rng in both precisions."""
   values = {}

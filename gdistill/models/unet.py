@@ -67,6 +67,11 @@ class GroupNorm(nn.Module):
   [B, H, W, G, C/G] view, whose short inner axis (3 channels per group at 96
   channels) is slow on CPU, and applies the affine and FiLM as separate
   elementwise passes.
+
+  The result has the input's dtype: under bfloat16 compute the statistics
+  and the multiply-add run in float32 inside one fusion, and what leaves the
+  norm (and is kept for the backward pass) is bfloat16, not a float32 copy
+  of the activation.
   """
   num_groups: int
   epsilon: float = 1e-6
@@ -89,7 +94,7 @@ class GroupNorm(nn.Module):
       film_scale = film_scale.reshape(B, C).astype(jnp.float32)
       mul, add = mul * (1.0 + film_scale), add * (1.0 + film_scale) + film_shift.reshape(B, C)
     bshape = (B,) + (1,) * (x.ndim - 2) + (C,)
-    return x * mul.reshape(bshape) + add.reshape(bshape)
+    return (xf * mul.reshape(bshape) + add.reshape(bshape)).astype(x.dtype)
 
 
 class Dropout(nn.Module):
@@ -120,7 +125,8 @@ class ResnetBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, emb, *, train: bool):
+  def __call__(self, x, emb, train: bool):
+    """``train`` is positional so that ``nn.remat`` can hold it static (argnum 3)."""
     B, H, W, C = x.shape  # [B, H, W, C]
     h = nn.swish(GroupNorm(_groups(C), name='norm1')(x))
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv1')(h)
@@ -169,6 +175,10 @@ class UNet(nn.Module):
       conditional output (the guided target at w = 0) and keeps doing so until its shared
       weights move; without it the branch adds a learnt offset at w = 0 too.
     dtype: compute dtype (parameters stay float32).
+    remat: recompute each residual and attention block's activations in the
+      backward pass (``nn.remat``) instead of keeping them: the backward pass
+      keeps only block inputs, for about one more forward pass of compute.
+      Parameters, their names and the results are the same either way.
   """
   num_classes: int
   out_ch: int
@@ -181,6 +191,7 @@ class UNet(nn.Module):
   w_embed_scale: float = 250.0
   w_relative: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, z, logsnr, label, w: Optional[jax.Array] = None, *, train: bool = False):
@@ -208,30 +219,35 @@ class UNet(nn.Module):
       raise ValueError('this U-Net has use_w=False but a guidance weight w was passed')
     emb = emb.astype(self.dtype)
 
-    block = functools.partial(ResnetBlock, dropout=self.dropout, dtype=self.dtype)
+    # The lifted classes keep the module names (every block is named), so
+    # checkpoints load either way; the dropout rng is lifted with them.
+    resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+    block = functools.partial(resnet_cls, dropout=self.dropout, dtype=self.dtype)
+    attn = functools.partial(attn_cls, dtype=self.dtype)
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z.astype(self.dtype))
     hs = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = block(self.ch * mult, name=f'down_{level}_block_{i}')(h, emb, train=train)
+        h = block(self.ch * mult, name=f'down_{level}_block_{i}')(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype=self.dtype, name=f'down_{level}_attn_{i}')(h)
+          h = attn(name=f'down_{level}_attn_{i}')(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
         h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
                     name=f'down_{level}_downsample')(h)
         hs.append(h)
 
-    h = block(h.shape[-1], name='mid_block_0')(h, emb, train=train)
-    h = AttnBlock(dtype=self.dtype, name='mid_attn')(h)
-    h = block(h.shape[-1], name='mid_block_1')(h, emb, train=train)
+    h = block(h.shape[-1], name='mid_block_0')(h, emb, train)
+    h = attn(name='mid_attn')(h)
+    h = block(h.shape[-1], name='mid_block_1')(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
-        h = block(self.ch * mult, name=f'up_{level}_block_{i}')(h, emb, train=train)
+        h = block(self.ch * mult, name=f'up_{level}_block_{i}')(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype=self.dtype, name=f'up_{level}_attn_{i}')(h)
+          h = attn(name=f'up_{level}_attn_{i}')(h)
       if level != 0:
         h = upsample_nearest_2x(h)
         h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
