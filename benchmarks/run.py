@@ -18,7 +18,6 @@ The JSON file is a list of {"name", "value", "unit"}; among them:
   loop_over_step_{teacher,stage1,stage2}  the real loop's rate / its bare step's (loop.py)
   input_pipeline_over_loop           the Grain pipeline alone / the fastest loop's images/s
   input_pipeline_64x64x3_images_per_s_workersN  the pipeline on a 64x64x3 array_record file
-
   stage1_step_memory_remat_over_no_remat  XLA's bytes per device with / without remat
 
 The loop section (benchmarks/loop.py) trains on the config's real data: on a machine
