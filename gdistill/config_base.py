@@ -46,8 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
       size='fmnist', ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
       dropout=0.1,
       # Recompute each U-Net block in the backward pass (activation checkpointing):
-      # less memory per device, about 1/3 more step compute. Not part of the
-      # network: checkpoints load with either value.
+      # only block inputs are kept for it, for about 1/3 more step compute
+      # (benchmarks/memory.py measures the bytes). Not part of the network:
+      # checkpoints load with either value.
       remat=False))
 
   # Guidance weights w: students are trained on w ~ U[w_min, w_max].
