@@ -25,9 +25,10 @@ def get_config():
   c.data.eval_split = 'validation'
   c.precision = 'bfloat16'
   c.sharding = 'fsdp'
-  # remat: each U-Net block recomputed in the backward pass; at 128 images per
-  # device (2048 over 16) it cuts XLA's planned bytes per device (README, "Running at
-  # scale"; benchmarks/memory.py) for about 1/3 more step compute.
+  # remat: each U-Net block recomputed in the backward pass, which keeps only block
+  # inputs, for about 1/3 more step compute. Bytes per device with and without it at
+  # 128 images per device (2048 over 16): benchmarks/memory.py (not yet measured at
+  # this size; on by default on the expectation, to be confirmed there).
   c.model.update(size='imagenet64', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
                  attn_resolutions=(32, 16, 8), dropout=0.1, remat=True)
   c.log_every = 100

@@ -52,8 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
       # student starts as, and at w = 0 stays closer to, its teacher.
       w_relative=False,
       # Recompute each U-Net block in the backward pass (activation checkpointing):
-      # less memory per device, about 1/3 more step compute. Not part of the
-      # network: checkpoints load with either value.
+      # only block inputs are kept for it, for about 1/3 more step compute
+      # (benchmarks/memory.py measures the bytes). Not part of the network:
+      # checkpoints load with either value.
       remat=False))
 
   # Guidance weights w: students are trained on w ~ U[w_min, w_max].
