@@ -51,6 +51,7 @@ def test_run_quick_writes_the_headline_records(tmp_path):
   assert 'Headline' in stdout and 'wall: train' in stdout
 
 
+@pytest.mark.slow  # CI time (see README: slow tests)
 def test_loop_benchmark_times_the_input_pipeline_alone(tmp_path):
   """The pipeline records only (the loop records train three phases: run.py's slow test
   covers them): the embedded data and a small 64x64x3 array_record file, in-process."""

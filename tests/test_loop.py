@@ -51,6 +51,7 @@ def _steps(path):
                 if d.isdigit())
 
 
+@pytest.mark.slow  # CI time (see README: slow tests)
 def test_finished_phase_keeps_only_its_sampling_parameters(smoke, tmp_path):
   run = _in(smoke, tmp_path)
   params = loop.run_phase(_teacher(run, 3), run.ctx)

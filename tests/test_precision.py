@@ -139,6 +139,7 @@ def test_bfloat16_loss_finite_and_close_to_float32():
   np.testing.assert_allclose(values['bfloat16'], values['float32'], rtol=2e-2)
 
 
+@pytest.mark.slow  # CI time (see README: slow tests)
 def test_bfloat16_training_steps_keep_float32_state_and_track_float32():
   """A few Adam steps of the smoke config's teacher: the bf16 run's losses stay
   finite and close to the float32 run's; params and Adam moments stay float32."""

@@ -142,6 +142,7 @@ def test_update_fn_traces_once_over_two_steps(one_device_steps):
 
 # ---- stage 2: FSDP == replicated on 8 devices --------------------------------------------------
 
+@pytest.mark.slow  # CI time (see README: slow tests)
 def test_stage2_step_same_under_fsdp_and_replicated(devices8):
   net = unet.build_unet(**NET_KW, use_w=True)
   abstract = _abstract_params(net)

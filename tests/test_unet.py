@@ -160,6 +160,7 @@ def test_build_unet_rejects_unknown_size_and_applies_overrides():
   assert unet.UNetTiny(num_classes=K, out_ch=1).ch == unet.SIZES['tiny']['ch']
 
 
+@pytest.mark.slow  # CI time (see README: slow tests)
 def test_remat_keeps_parameters_outputs_and_gradients():
   """``remat=True`` (nn.remat per block) changes what the backward pass keeps,
   nothing else: the same parameter names (checkpoints load either way), the
