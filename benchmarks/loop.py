@@ -35,7 +35,6 @@ this benchmark) does.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import shutil
 import statistics
@@ -46,15 +45,10 @@ import time
 import common  # sets the CPU device count before JAX starts; pylint: disable=g-bad-import-order
 
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import PIL.Image  # pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from gdistill import data, loop, run_plan, sharding, train  # pylint: disable=g-import-not-at-top
 from gdistill.data import pipeline  # pylint: disable=g-import-not-at-top
-
-IMAGE_64 = (64, 64, 3)
-
+import images64  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 class _Rates:
   """A metric writer that keeps the loop's own steps/s."""
@@ -133,55 +127,6 @@ def pipeline_rate(source, mesh, *, batch_size: int, workers: int, images: int) -
   return steps * batch_size / (time.perf_counter() - t0)
 
 
-def _png(image: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  PIL.Image.fromarray(image, mode='RGB').save(buffer, format='png')
-  return buffer.getvalue()
-
-
-class LoopBenchImages64(tfds.core.GeneratorBasedBuilder):
-  """Random 64x64x3 images (PNG, as imagenet_resized/64x64) with 1000 classes."""
-
-  VERSION = tfds.core.Version('1.0.0')
-
-  def __init__(self, *, num_examples: int = 20000, **kwargs):
-    self._num_examples = num_examples
-    super().__init__(**kwargs)
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=IMAGE_64),
-            'label': tfds.features.ClassLabel(num_classes=1000)}),
-        supervised_keys=('image', 'label'), disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples()}
-
-  def _generate_examples(self):
-    rng = np.random.default_rng(0)
-    for i in range(self._num_examples):
-      yield i, {'image': _png(rng.integers(0, 256, IMAGE_64, dtype=np.uint8)),
-                'label': int(rng.integers(1000))}
-
-
-def images64_source(data_dir: str, num_examples: int) -> data.ImageSource:
-  """Writes the 64x64x3 array_record dataset into ``data_dir``; its train split, read
-  by index as any dataset too large for memory is."""
-  builder = LoopBenchImages64(num_examples=num_examples, data_dir=data_dir,
-                              file_format='array_record')
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return data.ImageSource(
-      name='loop_bench_images64', split='train', num_examples=num_examples,
-      image_shape=IMAGE_64, num_classes=1000, class_names=[str(i) for i in range(1000)],
-      data_source=builder.as_data_source(split='train'), in_memory=False)
-
-
 def measure_loop(run, records, *, steps: int, rounds: int, kinds, root: str) -> list:
   """loop_over_step per phase kind (records); returns the rows of its table."""
   phases = [(k, ph) for k, ph in _phases(run, steps) if k in kinds]
@@ -230,7 +175,7 @@ def measure_pipeline(run, records, *, workers, examples: int, images: int, root:
     line += f' ({rate / max(loops):.0f}x the fastest loop\'s {max(loops):.0f} images/s)'
   print(line, flush=True)
   t0 = time.perf_counter()
-  source = images64_source(os.path.join(root, 'tfds'), examples)
+  source = images64.source(os.path.join(root, 'tfds'), examples)
   print(f'wrote {examples} 64x64x3 PNG images as array_record in '
         f'{time.perf_counter() - t0:.0f}s', file=sys.stderr, flush=True)
   batch64 = 256
