@@ -149,7 +149,7 @@ def write_failure(error: BaseException):
     for marker in _WRITE_MARKERS:
       if marker in text:
         line = next(l for l in text.splitlines() if marker in l).strip()
-        return line if len(line) <= 400 else line[:400] + '...'
+        return line if len(line) <= 400 else f'{line[:300]} ... {marker}'  # keep the cause
     error = error.__cause__ or error.__context__
   return None
 
