@@ -128,14 +128,15 @@ def test_full_size_model_builds_and_shards(name, devices8):
     assert split > 0.95 * param_count(abstract)  # all but norms and biases
 
 
-class RandomImages(ImageSource):
-  """A stand-in source of the dataset's shape (the real one needs internet)."""
-
-  def get(self, indices):
-    rng = np.random.default_rng(int(np.sum(indices)))
-    n = len(indices)
-    return {'image': rng.integers(0, 256, (n, *self.image_shape), dtype=np.uint8),
-            'label': rng.integers(0, self.num_classes, (n,), dtype=np.int32)}
+def random_images(name, shape, classes, n=64):
+  """A stand-in source of the dataset's shape (the real one needs internet): ``n``
+  random examples read through the same Grain path as any TFDS data source."""
+  rng = np.random.default_rng(0)
+  examples = [{'image': rng.integers(0, 256, shape, dtype=np.uint8),
+               'label': int(rng.integers(classes))} for _ in range(n)]
+  return ImageSource(name=name, split='train', num_examples=n, image_shape=shape,
+                     num_classes=classes, class_names=[str(i) for i in range(classes)],
+                     data_source=examples, in_memory=True)
 
 
 @pytest.mark.slow
@@ -152,9 +153,7 @@ def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypa
       config[phase].update(num_steps=1, batch_size=8, warmup_steps=0, checkpoint_every=1)
     config.stage2.update(start_steps=2, min_steps=1)
     config.samples.update(per_class=1, max_classes=8, teacher_steps=1, student_w=(1.0,))
-  source = RandomImages(name=name, split='train', num_examples=64, image_shape=shape,
-                        num_classes=classes, class_names=[str(i) for i in range(classes)],
-                        data_source=None, in_memory=True)
+  source = random_images(name, shape, classes)
   monkeypatch.setattr(run_setup, 'open_source', lambda *a, **k: source)
   train.train_and_evaluate(config, str(tmp_path))
   for phase in ('teacher', 'stage1', 'stage2_n0001'):
