@@ -127,6 +127,7 @@ def _final_params(workdir, phase):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from gdistill import checkpoint  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, 'checkpoints', phase)
   step = max(int(d) for d in os.listdir(directory) if d.isdigit())
   path = os.path.join(directory, str(step), 'state')
@@ -136,8 +137,9 @@ def _final_params(workdir, phase):
   tree = getattr(tree, 'tree', tree)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   state = ckptr.restore(path, restore_args=restore_args)
+  key = checkpoint.sampling_key(checkpoint.read_meta(directory))  # lean: sampling params only
   return step, {'/'.join(k): np.asarray(v)
-                for k, v in traverse_util.flatten_dict(state['params']).items()}
+                for k, v in traverse_util.flatten_dict(state[key]).items()}
 
 
 @pytest.mark.slow
