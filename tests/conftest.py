@@ -31,6 +31,18 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gd_testlib import GaussianData  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+# Files that run whole smoke pipelines go first: pytest-xdist (pytest.ini) hands out
+# whole files in collection order, and the longest one started last would finish alone.
+LONGEST_FIRST = ('test_pipeline.py', 'test_loop.py', 'test_gcs.py', 'test_data.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+  items.sort(key=rank)  # stable: tests keep their order within a file
+
+
 @pytest.fixture(scope='session')
 def devices8():
   """Eight CPU devices (skips if JAX was initialised before the flag was set)."""
