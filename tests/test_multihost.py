@@ -9,9 +9,12 @@ parameters as one process with as many devices, and write each file once.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -92,7 +95,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _main(workdir, log, *, devices_per_process, extra_env=None):
+def _main(workdir, log, *, devices_per_process, extra_env=None, overrides=()):
   """Starts ``gdistill.main`` on the smoke config; output goes to ``log`` (a
   file, not a pipe: a full pipe would stall one process and so both)."""
   env = dict(os.environ)
@@ -100,7 +103,8 @@ def _main(workdir, log, *, devices_per_process, extra_env=None):
   env.update({'GDISTILL_CPU_DEVICES': str(devices_per_process), 'JAX_PLATFORMS': 'cpu',
               'PYTHONPATH': REPO + os.pathsep + env.get('PYTHONPATH', '')})
   env.update(extra_env or {})
-  cmd = [sys.executable, '-m', 'gdistill.main', f'--config={SMOKE}', f'--workdir={workdir}']
+  cmd = [sys.executable, '-m', 'gdistill.main', f'--config={SMOKE}', f'--workdir={workdir}',
+         *overrides]
   with open(log, 'w') as f:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
@@ -173,3 +177,62 @@ def test_two_processes_match_one_process(tmp_path):
       # Not bitwise: gloo sums the two processes' partial gradients in another order.
       np.testing.assert_allclose(multi_params[k], single_params[k], rtol=1e-4, atol=2e-5,
                                  err_msg=f'{phase}: {k}')
+
+
+def _wait_for(path, text, procs, timeout):
+  """Waits until the file at ``path`` contains ``text`` (fails if a process ends first)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    with open(path) as f:
+      if text in f.read():
+        return
+    assert all(p.poll() is None for p in procs), f'a process ended before {text!r}'
+    time.sleep(0.2)
+  raise AssertionError(f'no {text!r} in {path} after {timeout} s')
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(tmp_path):
+  """A preemption notice reaches one of two hosts (SIGTERM to process 1 only): JAX's
+  preemption service makes both save the same step and exit with EXIT_PREEMPTED;
+  rerunning both resumes there and ends with the parameters of an uninterrupted run."""
+  from gdistill.preemption import EXIT_PREEMPTED  # pylint: disable=g-import-not-at-top
+  overrides = ["--config.stages=('teacher',)", '--config.teacher.num_steps=200',
+               '--config.teacher.checkpoint_every=1000', '--config.log_every=1']
+
+  def both(workdir, name):
+    port = _free_port()
+    logs = [str(tmp_path / f'{name}_p{i}.log') for i in range(2)]
+    procs = [_main(workdir, logs[i], devices_per_process=1, overrides=overrides,
+                   extra_env={'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+                              'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
+             for i in range(2)]
+    return procs, logs
+
+  reference, stopped = str(tmp_path / 'reference'), str(tmp_path / 'stopped')
+  _wait(*both(reference, 'reference'), timeout=1200)
+  procs, logs = both(stopped, 'stopped')
+  try:
+    _wait_for(logs[0], 'teacher 3/200', procs, timeout=600)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outs = [open(log).read() for log in logs]  # pylint: disable=consider-using-with
+  assert codes == [EXIT_PREEMPTED] * 2, outs[1][-3000:]
+  saved = {int(m) for out in outs
+           for m in re.findall(r'teacher: stopped by SIGTERM at step (\d+) of 200', out)}
+  assert len(saved) == 1, outs  # both processes name the one step they saved
+  step = saved.pop()
+  directory = os.path.join(stopped, 'checkpoints', 'teacher')
+  assert sorted(int(d) for d in os.listdir(directory) if d.isdigit()) == [step]
+  assert 3 <= step < 200
+  outs = _wait(*both(stopped, 'resumed'), timeout=1200)
+  assert f'teacher: resumed from step {step}' in outs[0], outs[0][-3000:]
+  got_step, got = _final_params(stopped, 'teacher')
+  want_step, want = _final_params(reference, 'teacher')
+  assert got_step == want_step == 200 and got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
