@@ -6,13 +6,15 @@ variables of ENVIRONMENT.md, set for this module only.
 
 Default: the config record, the workdir lock and a checkpoint save/restore on gs://
 (seconds). Slow (``-m slow``): the smoke pipeline with ``--workdir=gs://...``, the sample
-CLI reading it, and a SIGKILL and resume ending with exactly the parameters of the
-uninterrupted run; none of them leaves a local ``gs:`` directory behind.
+CLI reading it, a SIGKILL and resume ending with exactly the parameters of the
+uninterrupted run, the eval and translate stages and a teacher export on gs://; none of them leaves a local ``gs:`` directory behind.
 """
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 
 import test_pipeline as pipeline
-from gdistill import checkpoint, storage, workdir as workdir_lib, workdir_lock
+from gdistill import checkpoint, storage, teacher_file, workdir as workdir_lib, workdir_lock
 
 BUCKET = 'bucket'
 
@@ -179,4 +181,32 @@ def test_resume_on_gcs_after_sigkill_matches_uninterrupted_run(gcs_smoke_run, fa
   assert not has(workdir, 'stage2_n0002')
   pipeline._finish(workdir, fashion_data_dir)  # pylint: disable=protected-access
   pipeline._assert_same_final_params(workdir, gcs_smoke_run['workdir'])  # pylint: disable=protected-access
+  _no_local_gs_dir(pipeline.REPO)
+
+
+@pytest.mark.slow
+def test_eval_translate_and_export_on_gcs(gcs_smoke_run, fashion_data_dir, tmp_path):
+  """The finished gs:// run extended by the eval and translate stages (the trained phases
+  load from gs://), then its teacher exported to a weights file on gs:// and one locally."""
+  workdir = gcs_smoke_run['workdir']
+  proc = pipeline._run(workdir, fashion_data_dir,  # pylint: disable=protected-access
+                       "--config.stages=('teacher','stage1','stage2','eval','translate')",
+                       timeout=pipeline.RUN_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert 'teacher: already finished' in proc.stdout + proc.stderr
+  report = json.loads(storage.read_text(f'{workdir}/eval/report.json'))
+  assert report['rows'] and all(r['fid'] is not None for r in report['rows'])
+  for name in ('report.md', 'fid_vs_nfe.png', 'classifier.npz'):
+    assert storage.isfile(f'{workdir}/eval/{name}'), name
+  translated = storage.listdir(f'{workdir}/translate')
+  assert 'quality.json' in translated and any(n.endswith('.png') for n in translated), translated
+  for output in (f'gs://{BUCKET}/weights/teacher.msgpack', str(tmp_path / 'teacher.msgpack')):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'gdistill.teacher_file', 'export', f'--workdir={workdir}',
+         f'--output={output}'], cwd=pipeline.REPO, env=pipeline._env(),  # pylint: disable=protected-access
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert storage.isfile(output) and storage.isfile(teacher_file.sidecar_path(output))
+  local = storage.read_bytes(str(tmp_path / 'teacher.msgpack'))
+  assert storage.read_bytes(f'gs://{BUCKET}/weights/teacher.msgpack') == local
   _no_local_gs_dir(pipeline.REPO)
