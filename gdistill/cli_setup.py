@@ -95,11 +95,35 @@ class _BackgroundWriteFailures(logging.Filter):
     return True
 
 
+def _is_closed_loop_callback(exc_type, exc) -> bool:
+  """TensorStore completing a write future after Orbax closed the save's event loop
+  (it closes it when a write fails, e.g. a full disk): the failure that closed it is
+  what the command reports."""
+  return exc_type is RuntimeError and str(exc) == 'Event loop is closed'
+
+
+def _quiet_closed_loop_callbacks():
+  """TensorStore prints exceptions of its Python callbacks through ``sys.excepthook``
+  (one traceback per pending write: hundreds on a full disk); those of a closed event
+  loop are dropped, every other exception is printed as before."""
+  previous = sys.excepthook
+  if getattr(previous, 'gdistill_quiet', False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_loop_callback(exc_type, exc):
+      previous(exc_type, exc, tb)
+
+  hook.gdistill_quiet = True
+  sys.excepthook = hook
+
+
 def _quiet_background_write_failures():
   for name in ('absl', 'asyncio'):
     logger = logging.getLogger(name)
     if not any(isinstance(f, _BackgroundWriteFailures) for f in logger.filters):
       logger.addFilter(_BackgroundWriteFailures())
+  _quiet_closed_loop_callbacks()
 
 
 @contextlib.contextmanager
