@@ -136,12 +136,21 @@ def make_setup(args) -> Setup:
                compile_options=xla_options.compile_options(config, mesh.devices.flat[0].platform))
 
 
-def script_main(description: str, run) -> None:
-  """The command line of a benchmark with only the common flags:
-  ``run(setup, records)``, then the records to ``--json`` if given."""
-  args = parser(description).parse_args()
+def script_main(description: str, run, steps: Optional[tuple] = None,
+                steps_help: str = '') -> None:
+  """The command line of a benchmark: the common flags (and ``--steps``, a
+  comma-separated subset of ``steps``, when given); ``run(setup, records)`` (with
+  ``which=`` the chosen steps), then the records to ``--json`` if given."""
+  p = parser(description)
+  if steps:
+    p.add_argument('--steps', default=','.join(steps),
+                   help=f'comma-separated subset of {",".join(steps)}{steps_help}')
+  args = p.parse_args()
   records = Records()
-  run(make_setup(args), records)
+  if steps:
+    run(make_setup(args), records, which=tuple(args.steps.split(',')))
+  else:
+    run(make_setup(args), records)
   if args.json:
     records.write(args.json)
 

@@ -109,14 +109,7 @@ def run(setup: common.Setup, records: common.Records, *, which=STEPS) -> dict:
 
 
 def main():
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument('--steps', default=','.join(STEPS), help='comma-separated subset of '
-                 'teacher,stage1')
-  args = p.parse_args()
-  records = common.Records()
-  run(common.make_setup(args), records, which=tuple(args.steps.split(',')))
-  if args.json:
-    records.write(args.json)
+  common.script_main(__doc__.splitlines()[0], run, STEPS, '')
 
 
 if __name__ == '__main__':

@@ -96,14 +96,7 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None, which=STEP
 
 
 def main():
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument('--steps', default=','.join(STEPS),
-                 help='comma-separated subset of teacher,stage1,stage2 (the teacher always runs)')
-  args = p.parse_args()
-  records = common.Records()
-  run(common.make_setup(args), records, which=tuple(args.steps.split(',')))
-  if args.json:
-    records.write(args.json)
+  common.script_main(__doc__.splitlines()[0], run, STEPS, ' (the teacher always runs)')
 
 
 if __name__ == '__main__':
