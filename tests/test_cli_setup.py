@@ -22,6 +22,17 @@ def test_write_failure_finds_the_os_error_under_wrappers():
   assert cli_setup.write_failure(ValueError('a bad value')) is None
 
 
+@pytest.mark.parametrize('code, says', [(errno.EROFS, 'Read-only file system'),
+                                        (errno.ENOTDIR, 'Not a directory'),
+                                        (errno.EACCES, 'Permission denied')])
+def test_write_failure_names_every_unwritable_case(code, says):
+  error = OSError(code, says, '/run/checkpoints')
+  assert cli_setup.write_failure(error) == f'{says}: /run/checkpoints'
+  # TensorStore's form: the OS error only in the text of its own exception type.
+  text = f'RESOURCE_EXHAUSTED: Failed writing: "/run/x": {says} [os_error_code={code}]'
+  assert says in cli_setup.write_failure(RuntimeError(text))
+
+
 def test_write_failure_keeps_the_cause_of_a_long_line():
   text = 'RESOURCE_EXHAUSTED: Failed writing: "' + 'x' * 600 + '": No space left on device'
   line = cli_setup.write_failure(RuntimeError(text))
