@@ -3,8 +3,8 @@
 Distils the teacher that ships with gdistill (gdistill/weights/fashion_mnist_teacher.msgpack,
 trained by configs/fashion_mnist_teacher.py; its sidecar .json says how long and how good):
 stage 1, five halvings 32 -> 1 steps, the evaluation sweep and translation, sized for a
-2-core CPU: 54.6 minutes there on 2026-11-30 (training 39.4, evaluation 5.8, translation
-9.4; README has the claims its report passes).
+2-core CPU: 40.7 minutes there, idle, on 2026-12-01 (apt and pip 0.5, training 30.3,
+evaluation 4.0, translation 5.9; README has the claims its report passes).
 
   python -m gdistill.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
