@@ -420,6 +420,38 @@ def test_resume_after_sigkill_matches_uninterrupted_run(smoke_run, fashion_data_
   _assert_same_final_params(workdir, smoke_run['workdir'])
 
 
+@pytest.mark.slow
+def test_second_sigterm_while_saving_corrupts_nothing(smoke_run, fashion_data_dir, tmp_path):
+  """SIGTERM during stage 1, and SIGTERM again as soon as the run says it is stopping
+  (while it saves): the run still exits with EXIT_PREEMPTED after its checkpoint is
+  durable, and the rerun ends with the uninterrupted run's parameters."""
+  from gdistill.preemption import EXIT_PREEMPTED  # pylint: disable=g-import-not-at-top
+  workdir, log = str(tmp_path / 'twice'), tmp_path / 'twice.log'
+  with open(log, 'w') as out:
+    proc = subprocess.Popen(_command(workdir, fashion_data_dir), cwd=REPO, env=_env(),
+                            stdout=out, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not _has_checkpoint(workdir, 'stage1', 2):
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    while 'received SIGTERM: stopping' not in log.read_text():
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # the run is saving the step it stopped at
+    assert proc.wait(timeout=RUN_TIMEOUT_S) == EXIT_PREEMPTED, log.read_text()[-3000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  text = log.read_text()
+  assert 'received SIGTERM again: still saving the checkpoint' in text, text[-3000:]
+  stopped = re.search(r'stage1: stopped by SIGTERM (?:at step (\d+)|after its last step)', text)
+  assert stopped, text[-3000:]
+  _finish(workdir, fashion_data_dir)
+  _assert_same_final_params(workdir, smoke_run['workdir'])
+
+
 # (phase, step): step None = the phase directory exists (mid-compile). The smoke halvings
 # train 2 steps: their only checkpoint is the finished phase's, so they are killed compiling.
 KILL_POINTS = (('teacher', 4), ('stage1', None), ('stage1', 2), ('stage2_n0004', None),
