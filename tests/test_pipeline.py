@@ -448,7 +448,8 @@ def test_second_sigterm_while_saving_corrupts_nothing(smoke_run, fashion_data_di
   assert 'received SIGTERM again: still saving the checkpoint' in text, text[-3000:]
   stopped = re.search(r'stage1: stopped by SIGTERM (?:at step (\d+)|after its last step)', text)
   assert stopped, text[-3000:]
-  _finish(workdir, fashion_data_dir)
+  _finish(workdir, fashion_data_dir,  # stopped at its last step: stage 1 is finished
+          expect='resumed from step' if stopped.group(1) else 'stage1: already finished')
   _assert_same_final_params(workdir, smoke_run['workdir'])
 
 
