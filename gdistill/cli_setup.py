@@ -95,27 +95,37 @@ class _BackgroundWriteFailures(logging.Filter):
     return True
 
 
-def _is_closed_loop_callback(exc_type, exc) -> bool:
+def _is_closed_loop_callback(unraisable) -> bool:
   """TensorStore completing a write future after Orbax closed the save's event loop
-  (it closes it when a write fails, e.g. a full disk): the failure that closed it is
-  what the command reports."""
-  return exc_type is RuntimeError and str(exc) == 'Event loop is closed'
+  (it closes it when a write fails, e.g. a full disk): raised in asyncio's
+  ``call_soon_threadsafe`` called from C, so every frame is asyncio's. The failure
+  that closed the loop is what the command reports."""
+  exc, tb = unraisable.exc_value, unraisable.exc_traceback
+  if type(exc) is not RuntimeError or str(exc) != 'Event loop is closed' or tb is None:  # pylint: disable=unidiomatic-typecheck
+    return False
+  frames = []
+  while tb is not None:
+    frames.append(tb.tb_frame.f_code)
+    tb = tb.tb_next
+  return (frames[0].co_name == 'call_soon_threadsafe' and
+          all(os.sep + 'asyncio' + os.sep in code.co_filename for code in frames))
 
 
 def _quiet_closed_loop_callbacks():
-  """TensorStore prints exceptions of its Python callbacks through ``sys.excepthook``
-  (one traceback per pending write: hundreds on a full disk); those of a closed event
-  loop are dropped, every other exception is printed as before."""
-  previous = sys.excepthook
+  """TensorStore reports exceptions of its Python callbacks through
+  ``sys.unraisablehook``, printed as bare tracebacks (one per pending write: hundreds
+  on a full disk); those of a closed event loop are dropped, every other one is
+  reported as before."""
+  previous = sys.unraisablehook
   if getattr(previous, 'gdistill_quiet', False):
     return
 
-  def hook(exc_type, exc, tb):
-    if not _is_closed_loop_callback(exc_type, exc):
-      previous(exc_type, exc, tb)
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
 
   hook.gdistill_quiet = True
-  sys.excepthook = hook
+  sys.unraisablehook = hook
 
 
 def _quiet_background_write_failures():
