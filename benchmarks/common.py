@@ -147,10 +147,8 @@ def script_main(description: str, run, steps: Optional[tuple] = None,
                    help=f'comma-separated subset of {",".join(steps)}{steps_help}')
   args = p.parse_args()
   records = Records()
-  if steps:
-    run(make_setup(args), records, which=tuple(args.steps.split(',')))
-  else:
-    run(make_setup(args), records)
+  which = {'which': tuple(args.steps.split(','))} if steps else {}
+  run(make_setup(args), records, **which)
   if args.json:
     records.write(args.json)
 

@@ -7,7 +7,8 @@ variables of ENVIRONMENT.md, set for this module only.
 Default: the config record, the workdir lock and a checkpoint save/restore on gs://
 (seconds). Slow (``-m slow``): the smoke pipeline with ``--workdir=gs://...``, the sample
 CLI reading it, a SIGKILL and resume ending with exactly the parameters of the
-uninterrupted run, the eval and translate stages and a teacher export on gs://; none of them leaves a local ``gs:`` directory behind.
+uninterrupted run, the eval and translate stages and a teacher export on gs://; none
+of them leaves a local ``gs:`` directory behind.
 """
 
 import json
