@@ -41,8 +41,14 @@ def get_config():
   # 9.41 / 21.7 constant), each example's loss balanced over w.
   c.stage1.update(num_steps=1200, batch_size=64, learning_rate=2e-4, warmup_steps=20,
                   lr_decay='linear', checkpoint_every=100, w_balance=True)
+  # Stage 2 starts from stage 1 at 64 steps (at 32 it is already worse than the 8-step
+  # target: 1000 samples, w = 0 / 1: 6.87 / 19.3 at 32 steps, 6.21 / 18.4 at 64) and trains
+  # each halving on its own DDIM grid only (the stochastic sampler needs time_grid='both',
+  # which gives DDIM's points half the training); the halvings to 8 and 4 steps, which
+  # cost the most, train longer (docs/teacher.md has the measurements).
   c.stage2.update(num_steps=150, batch_size=64, learning_rate=2e-4, warmup_steps=0,
-                  lr_decay='linear', checkpoint_every=50, start_steps=32, min_steps=1)
+                  lr_decay='linear', checkpoint_every=50, start_steps=64, min_steps=1,
+                  time_grid='deterministic', num_steps_for=((8, 200), (4, 200)))
   c.samples.update(per_class=8, teacher_steps=64, teacher_w=1.0, student_w=(0.0, 1.0, 4.0))
   # Encoder halvings 32 -> 16 -> 8 -> 4: about 7 minutes on the 2-core CPU.
   c.translate.update(encoder_start_steps=32, encoder_min_steps=4, w=1.0, encode_w=0.0,
@@ -50,17 +56,17 @@ def get_config():
                      distilled_steps=(4, 8), quality_per_pair=100)
   c.translate.encoder.update(num_steps=100, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                              lr_decay='linear', checkpoint_every=50)
-  # Evaluation: 449k network evaluations, ~19 min at 400 evaluations/s, ~30 min at 250 (this
-  # U-Net on the 2-core CPU; the sweep prints its rate and ETA), plus ~2 min for the
-  # classifier. 1000 samples per row (FID noise ~0.1 in the classifier's space; 500 would
-  # give ~0.3). Rows: students 1-8 steps (ddim, and stochastic at 2-16 steps), the teacher's
-  # guided DDIM at 1-8 steps (NFE 2-16, the baseline) and at 64 steps (NFE 128, the
-  # reference); rows above 8 NFE only at w in {0, 1}. Extend later without resampling the
-  # finished rows, e.g.
+  # Evaluation: the teacher's rows ship measured (below), so the sweep samples the students:
+  # 45k network evaluations, about 2 minutes on the 2-core CPU (it prints its rate and ETA).
+  # 1000 samples per row (FID noise ~0.1 in the classifier's space; 500 would give ~0.3).
+  # Rows: students at 1-8 steps (ddim; stochastic rows need stage2.time_grid='both'), the
+  # teacher's guided DDIM at 1-8 steps (NFE 2-16, the baseline) and at 64 steps (NFE 128,
+  # the reference); rows above 8 NFE only at w in {0, 1}. Extend later without resampling
+  # the finished rows, e.g.
   #   python -m gdistill.evaluate --workdir=runs/fashion_mnist --config=configs/fashion_mnist.py \
   #     --config.eval.teacher_steps='(64, 256)'        # 2x256 teacher at w=0,1: +1.02M evals
   #     --config.eval.w_values='(0., .3, 1., 2., 4.)'  # w=0.3 and 2 on cheap rows: +86k
-  #     --config.eval.student_steps='()'               # the 16-step student too: +96k
+  #     --config.eval.student_steps='()'               # the 16-, 32-step students: +96k
   # The feature network ships with gdistill (the classifier this config trains, saved once),
   # so every machine scores in the same features, and so do the teacher's rows measured
   # once with that file (gdistill.eval.teacher_rows; '' samples them: +~20 min here).

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
                     ema_decay=0.0, dropout=0.0)
   c.stage2.start_steps = 64   # the stage-1 model is the 64-step teacher
   c.stage2.min_steps = 1
+  # Training steps of particular halvings instead of num_steps: ((student steps, training
+  # steps), ...), e.g. ((2, 100), (1, 100)) spends less on the 2- and 1-step students.
+  c.stage2.num_steps_for = ()
   c.stage2.time_grid = 'both'  # or 'deterministic'
 
   # Sample grids written when a phase finishes: a row per class.

@@ -87,6 +87,7 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('stage2.start_steps', start, f'at least 2 * stage2.min_steps = {2 * smallest}')
   if config.stage2.time_grid not in ('deterministic', 'both'):
     _err('stage2.time_grid', config.stage2.time_grid, '"deterministic" or "both"')
+  _validate_num_steps_for('stage2', config.stage2, run_plan.halvings(start, smallest))
 
   if 'translate' in stages:
     _validate_translate(config, num_devices=num_devices, num_processes=num_processes)
@@ -123,6 +124,24 @@ def _validate_optimisation(key, p, *, num_devices, num_processes) -> None:
   if p.batch_size % divisor or p.batch_size % num_processes:
     _err(f'{key}.batch_size', p.batch_size,
          f'a multiple of the number of devices ({divisor}) and processes ({num_processes})')
+
+
+def _validate_num_steps_for(key, p, student_steps) -> None:
+  """``SECTION.num_steps_for``: (student steps of one of its halvings, training steps) pairs."""
+  pairs = p.get('num_steps_for', ())
+  expected = (f'pairs (student steps, training steps > 0) with student steps among the '
+              f'halvings {list(student_steps)}, each once, e.g. ((2, 100), (1, 100))')
+  try:
+    ok = all(len(pair) == 2 for pair in pairs)
+  except TypeError:
+    ok = False
+  if not ok:
+    _err(f'{key}.num_steps_for', pairs, expected)
+  seen = [n for n, _ in pairs]
+  for n, steps in pairs:
+    bad_int = lambda v: not isinstance(v, int) or isinstance(v, bool)
+    if bad_int(n) or bad_int(steps) or n not in student_steps or steps < 1 or seen.count(n) > 1:
+      _err(f'{key}.num_steps_for', pairs, expected)
 
 
 def _validate_track(config, *, num_devices) -> None:

@@ -155,7 +155,7 @@ class ModelStore:
   @property
   def found(self) -> run_plan.RunPlan:
     """The plan of the phases this workdir holds."""
-    return run_plan.from_names(self.finished())
+    return run_plan.from_names(self.finished(), run_plan.fine_grid(self.config))
 
   def student_steps(self) -> list[int]:
     """Step counts of the distilled (stage-2) students held here, smallest first."""

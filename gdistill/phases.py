@@ -35,9 +35,9 @@ def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
   return out
 
 
-def optimizer(s):
+def optimizer(s, num_steps: int):
   return make_optimizer(learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
-                        total_steps=s.num_steps, decay=s.lr_decay, grad_clip=s.grad_clip)
+                        total_steps=num_steps, decay=s.lr_decay, grad_clip=s.grad_clip)
 
 
 class PhaseBuilder:
@@ -80,7 +80,7 @@ class PhaseBuilder:
 
   def _teacher(self, spec, on_done) -> Phase:
     c, net = self.config.teacher, self.store.net(use_w=False)
-    opt = optimizer(c)
+    opt = optimizer(c, c.num_steps)
     loss = functools.partial(losses.teacher_loss, apply_fn=net.apply,
                              mean_type=self.config.diffusion.mean_type,
                              num_classes=self.store.num_classes, p_uncond=c.p_uncond,
@@ -107,8 +107,9 @@ class PhaseBuilder:
     of its teacher."""
     s = spec.section(self.config)
     train_net = self.store.net(use_w=True, dropout=s.dropout)
-    opt = optimizer(s)
-    key = (id(s), loss.func)
+    num_steps = spec.num_steps(self.config)
+    opt = optimizer(s, num_steps)
+    key = (id(s), loss.func, num_steps)  # the learning-rate schedule spans the phase
     if key not in self._updates:
       self._updates[key] = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
                                           ema_decay=s.ema_decay, ema_warmup=s.ema_warmup)
@@ -123,7 +124,7 @@ class PhaseBuilder:
         params = jax.tree.map(jnp.copy, frozen['params'])
       return init_state(params, opt, ema=s.ema_decay > 0)
 
-    return Phase(name=spec.name, num_steps=s.num_steps, batch_size=s.batch_size,
+    return Phase(name=spec.name, num_steps=num_steps, batch_size=s.batch_size,
                  init_fn=init_fn, update_fn=self._updates[key], frozen=frozen,
                  meta=meta(self.config, self.store, spec),
                  checkpoint_every=s.checkpoint_every, on_done=on_done)

@@ -65,17 +65,26 @@ class PhaseSpec:
     teacher: name of the phase whose model this one distils (frozen while it trains);
       None for the teacher.
     stage: the ``config.stages`` entry that trains it (``translate`` for encoders).
+    fine_grid: a stage-2 student trained on the 1/(2N) grid (``stage2.time_grid='both'``),
+      so it also serves the stochastic sampler at 2N steps.
   """
   name: str
   kind: str
   student_steps: Optional[int]
   teacher: Optional[str]
   stage: str
+  fine_grid: bool = True
 
   def section(self, config):
     """The config section that trains it (``teacher``, ``stage1``, ``stage2``,
     ``translate.encoder``)."""
     return config.translate.encoder if self.kind == ENCODER else config[self.kind]
+
+  def num_steps(self, config) -> int:
+    """Its training steps: the section's ``num_steps``, or the section's
+    ``num_steps_for`` entry for this phase's student step count."""
+    s = self.section(config)
+    return dict(s.get('num_steps_for', ())).get(self.student_steps, s.num_steps)
 
   @property
   def use_w(self) -> bool:
@@ -92,12 +101,14 @@ class PhaseSpec:
     """(sampler, steps) it samples with; steps ANY: every step count.
 
     The stochastic sampler at N steps jumps 2/N on the 1/N grid, which the
-    N/2-step student learnt (stage2.time_grid='both', METHOD.md section 5).
+    N/2-step student learnt if trained on its finer grid (stage2.time_grid='both',
+    METHOD.md section 5); one trained on its own grid only serves DDIM.
     """
     if self.kind in (TEACHER, STAGE1):
       return (('ddim', ANY), ('stochastic', ANY))
     if self.kind == STAGE2:
-      return (('ddim', self.student_steps), ('stochastic', 2 * self.student_steps))
+      stochastic = (('stochastic', 2 * self.student_steps),) if self.fine_grid else ()
+      return (('ddim', self.student_steps),) + stochastic
     return (('encode', self.student_steps),)
 
 
@@ -157,22 +168,25 @@ class RunPlan:
             and not (p.kind == TEACHER and external_teacher)]
 
 
-def _chain(kind: str, counts: list[int], first_teacher: str, stage: str) -> list[PhaseSpec]:
+def _chain(kind: str, counts: list[int], first_teacher: str, stage: str,
+           fine_grid: bool = True) -> list[PhaseSpec]:
   out, teacher = [], first_teacher
   for n in counts:
-    out.append(PhaseSpec(phase_name(kind, n), kind, n, teacher, stage))
+    out.append(PhaseSpec(phase_name(kind, n), kind, n, teacher, stage, fine_grid))
     teacher = out[-1].name
   return out
 
 
 def build(*, stage2_start: int, stage2_min: int, encoder_start: Optional[int] = None,
-          encoder_min: Optional[int] = None) -> RunPlan:
+          encoder_min: Optional[int] = None, stage2_fine_grid: bool = True) -> RunPlan:
   """The plan of halvings: stage-2 students from ``stage2_start`` (the stage-1 model
-  sampled at that many steps is their first teacher) down to ``stage2_min``; with
-  ``encoder_start``, distilled encoders likewise."""
+  sampled at that many steps is their first teacher) down to ``stage2_min``, trained on
+  the finer grid unless ``stage2_fine_grid`` is False; with ``encoder_start``, distilled
+  encoders likewise."""
   phases = [PhaseSpec(TEACHER, TEACHER, None, None, 'teacher'),
             PhaseSpec(STAGE1, STAGE1, None, TEACHER, 'stage1')]
-  phases += _chain(STAGE2, halvings(stage2_start, stage2_min), STAGE1, 'stage2')
+  phases += _chain(STAGE2, halvings(stage2_start, stage2_min), STAGE1, 'stage2',
+                   stage2_fine_grid)
   if encoder_start is not None:
     phases += _chain(ENCODER, halvings(encoder_start, encoder_min), STAGE1, 'translate')
   return RunPlan(tuple(phases))
@@ -185,12 +199,19 @@ def from_config(config) -> RunPlan:
   distill = t is not None and t.get('distill_encoder', False)
   return build(stage2_start=config.stage2.start_steps, stage2_min=config.stage2.min_steps,
                encoder_start=t.encoder_start_steps if distill else None,
-               encoder_min=t.encoder_min_steps if distill else None)
+               encoder_min=t.encoder_min_steps if distill else None,
+               stage2_fine_grid=fine_grid(config))
 
 
-def from_names(names: Iterable[str]) -> RunPlan:
+def fine_grid(config) -> bool:
+  """Whether a config's stage-2 students learn the stochastic sampler's grid too."""
+  return config.stage2.get('time_grid', 'both') == 'both'
+
+
+def from_names(names: Iterable[str], stage2_fine_grid: bool = True) -> RunPlan:
   """The plan of the phases found in a workdir (directory names; others ignored),
-  each halving chained to the next larger one found."""
+  each halving chained to the next larger one found; stage-2 students trained on the
+  finer grid unless ``stage2_fine_grid`` is False."""
   parsed = sorted((parse_phase_name(n) for n in names if parse_phase_name(n)),
                   key=lambda kn: (KINDS.index(kn[0]), -(kn[1] or 0)))
   phases, previous = [], {STAGE2: STAGE1, ENCODER: STAGE1}
@@ -202,6 +223,6 @@ def from_names(names: Iterable[str]) -> RunPlan:
       phases.append(PhaseSpec(name, kind, None, TEACHER, 'stage1'))
     else:
       phases.append(PhaseSpec(name, kind, n, previous[kind],
-                              'stage2' if kind == STAGE2 else 'translate'))
+                              'stage2' if kind == STAGE2 else 'translate', stage2_fine_grid))
       previous[kind] = name
   return RunPlan(tuple(phases))

@@ -66,6 +66,18 @@ def test_bad_eval_key_fails_in_validate():
   config_validation.validate(config)  # not evaluated: not checked
 
 
+@pytest.mark.parametrize('value', [((3, 100),), ((2, 0),), ((2, 100), (2, 50)), ((2,),),
+                                   ((2, 1.5),)])
+def test_stage2_num_steps_for_names_its_halvings(value):
+  config = load_config('fashion_mnist')
+  config.stage2.num_steps_for = ((2, 100), (1, 100))
+  config_validation.validate(config)
+  config.stage2.num_steps_for = value
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'stage2\.num_steps_for=.*student steps among the halvings \['):
+    config_validation.validate(config)
+
+
 def test_cpu_xla_tuned_must_be_a_bool():
   config = load_config('fashion_mnist')
   assert config.cpu_xla_tuned is True

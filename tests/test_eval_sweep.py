@@ -67,8 +67,10 @@ def test_plan_runs_expensive_rows_at_fewer_w_and_selects_students():
   assert {s.w for s in settings if s.nfe <= c.eval.expensive_nfe} == set(c.eval.w_values)
   assert 'stage2_n0016' not in {s.phase for s in settings}
   assert {s.steps for s in settings if s.model == 'teacher'} == {64}
-  # The sizing the config's comment quotes.
-  assert sum(s.nfe for s in settings) * c.eval.num_samples == 449_000
+  # Students of the deterministic grid: no stochastic rows.
+  assert {s.sampler for s in settings if s.model == 'student'} == {'ddim'}
+  # The sizing the config's comment quotes (the teacher's rows ship measured).
+  assert sum(s.nfe for s in settings if s.model == 'student') * c.eval.num_samples == 45_000
 
 
 @pytest.mark.parametrize('key, value, fragment', [

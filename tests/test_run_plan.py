@@ -25,14 +25,14 @@ def _fashion_config():
 
 def test_plan_of_the_embedded_default():
   plan = run_plan.from_config(_fashion_config())
-  assert plan.names == ['teacher', 'stage1', 'stage2_n0016', 'stage2_n0008', 'stage2_n0004',
-                        'stage2_n0002', 'stage2_n0001', 'encoder_n0016', 'encoder_n0008',
-                        'encoder_n0004']
-  assert plan.student_steps == [16, 8, 4, 2, 1] and plan.encoder_steps == [16, 8, 4]
+  assert plan.names == ['teacher', 'stage1', 'stage2_n0032', 'stage2_n0016', 'stage2_n0008',
+                        'stage2_n0004', 'stage2_n0002', 'stage2_n0001', 'encoder_n0016',
+                        'encoder_n0008', 'encoder_n0004']
+  assert plan.student_steps == [32, 16, 8, 4, 2, 1] and plan.encoder_steps == [16, 8, 4]
   # Each halving distils the one before it; the first of each chain distils stage 1.
   assert [plan[n].teacher for n in plan.names] == [
-      None, 'teacher', 'stage1', 'stage2_n0016', 'stage2_n0008', 'stage2_n0004', 'stage2_n0002',
-      'stage1', 'encoder_n0016', 'encoder_n0008']
+      None, 'teacher', 'stage1', 'stage2_n0032', 'stage2_n0016', 'stage2_n0008', 'stage2_n0004',
+      'stage2_n0002', 'stage1', 'encoder_n0016', 'encoder_n0008']
   assert plan['teacher'].mode == 'guided' and not plan['teacher'].use_w
   assert plan['stage2_n0004'].mode == 'student' and plan['stage2_n0004'].use_w
   assert plan['encoder_n0008'].stage == 'translate'
@@ -48,6 +48,27 @@ def test_what_each_phase_serves():
   assert sorted(plan.stochastic_steps()) == [2, 4, 8, 16]
   assert ('ddim', run_plan.ANY) in plan['teacher'].serves
   assert plan.encoder_for(4) is None  # no encoders without translate.distill_encoder
+
+
+def test_students_of_the_deterministic_grid_serve_ddim_only():
+  config = base_config()
+  config.stage2.update(start_steps=16, min_steps=1, time_grid='deterministic')
+  for plan in (run_plan.from_config(config),
+               run_plan.from_names(['stage1', 'stage2_n0004', 'stage2_n0002'], False)):
+    assert plan['stage2_n0004'].serves == (('ddim', 4),)
+    assert plan.student_for('stochastic', 8) is None and plan.stochastic_steps() == []
+    assert plan.student_for('ddim', 4).name == 'stage2_n0004'
+
+
+def test_training_steps_of_each_halving():
+  config = base_config()
+  config.stage2.update(start_steps=16, min_steps=1, num_steps=300, num_steps_for=((2, 90), (1, 50)))
+  plan = run_plan.from_config(config)
+  steps = {p.name: p.num_steps(config) for p in plan.of_kind(run_plan.STAGE2)}
+  assert steps == {'stage2_n0008': 300, 'stage2_n0004': 300, 'stage2_n0002': 90,
+                   'stage2_n0001': 50}
+  assert plan['stage1'].num_steps(config) == config.stage1.num_steps
+  assert plan['teacher'].num_steps(config) == config.teacher.num_steps
 
 
 def test_training_follows_the_stages():

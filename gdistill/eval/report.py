@@ -55,8 +55,13 @@ def make_protocol(*, config, num_classes: int, image_shape, feature_net: dict,
       'missing_students': list(missing),
       'nfe': 'network evaluations per sample: guided teacher step = 2 (conditional and '
              'unconditional branches), student step = 1',
-      'stochastic_sampler': f'an N-step stochastic row uses the N/2-step student '
-                            f'(stage2.time_grid={config.stage2.time_grid!r})',
+      'stochastic_sampler': (f'an N-step stochastic row uses the N/2-step student '
+                             f'(stage2.time_grid={config.stage2.time_grid!r})'
+                             if config.stage2.time_grid == 'both' else
+                             f'none: the students learnt their own DDIM grid only '
+                             f'(stage2.time_grid={config.stage2.time_grid!r}; \'both\' '
+                             f'trains the N/2-step student for the N-step stochastic '
+                             f'sampler too)'),
       'seconds_per_image': f'sampling wall-clock after compilation / images sampled '
                            f'(batches of {int(e.batch_size)} over {num_devices} '
                            f'{_platform()} device(s))',
