@@ -2,9 +2,10 @@
 
 Distils the teacher that ships with gdistill (gdistill/weights/fashion_mnist_teacher.msgpack,
 trained by configs/fashion_mnist_teacher.py; its sidecar .json says how long and how good):
-stage 1, five halvings 32 -> 1 steps, the evaluation sweep and translation, sized for a
-2-core CPU: 40.7 minutes there, idle, on 2026-12-01 (apt and pip 0.5, training 30.3,
-evaluation 4.0, translation 5.9; README has the claims its report passes).
+stage 1, six halvings from 64 down to 1 step, the evaluation sweep and translation, sized
+for a 2-core CPU: about 44 minutes there (the previous recipe: 40.7 idle; this one took 73
+on 2026-12-01 in an hour when that CPU ran at half speed; README has the claims its report
+passes).
 
   python -m gdistill.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
