@@ -138,8 +138,8 @@ def _validate_num_steps_for(key, p, student_steps) -> None:
   if not ok:
     _err(f'{key}.num_steps_for', pairs, expected)
   seen = [n for n, _ in pairs]
+  bad_int = lambda v: not isinstance(v, int) or isinstance(v, bool)
   for n, steps in pairs:
-    bad_int = lambda v: not isinstance(v, int) or isinstance(v, bool)
     if bad_int(n) or bad_int(steps) or n not in student_steps or steps < 1 or seen.count(n) > 1:
       _err(f'{key}.num_steps_for', pairs, expected)
 
