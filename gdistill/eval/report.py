@@ -14,7 +14,7 @@ import math
 import os
 from typing import Optional
 
-from gdistill import storage
+from gdistill import run_plan, storage
 from gdistill.metric_writer import log
 
 JSON_NAME = 'report.json'
@@ -57,7 +57,7 @@ def make_protocol(*, config, num_classes: int, image_shape, feature_net: dict,
              'unconditional branches), student step = 1',
       'stochastic_sampler': (f'an N-step stochastic row uses the N/2-step student '
                              f'(stage2.time_grid={config.stage2.time_grid!r})'
-                             if config.stage2.time_grid == 'both' else
+                             if run_plan.fine_grid(config) else
                              f'none: the students learnt their own DDIM grid only '
                              f'(stage2.time_grid={config.stage2.time_grid!r}; \'both\' '
                              f'trains the N/2-step student for the N-step stochastic '
