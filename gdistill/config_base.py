@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # steps), ...), e.g. ((2, 100), (1, 100)) spends less on the 2- and 1-step students.
   c.stage2.num_steps_for = ()
   c.stage2.time_grid = 'both'  # or 'deterministic'
+  c.stage2.w_balance = False  # as stage1.w_balance, for each halving's loss
 
   # Sample grids written when a phase finishes: a row per class.
   c.samples = ml_collections.ConfigDict(dict(

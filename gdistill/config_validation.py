@@ -116,8 +116,9 @@ def _validate_optimisation(key, p, *, num_devices, num_processes) -> None:
     _err(f'{key}.lr_decay', p.lr_decay, '"constant" or "linear"')
   if not 0.0 <= p.ema_decay < 1.0:
     _err(f'{key}.ema_decay', p.ema_decay, 'a number in [0, 1)')
-  if not isinstance(p.ema_warmup, bool):
-    _err(f'{key}.ema_warmup', p.ema_warmup, 'True or False')
+  for name in ('ema_warmup', 'w_balance'):
+    if not isinstance(p.get(name, False), bool):
+      _err(f'{key}.{name}', p[name], 'True or False')
   if not (isinstance(p.warmup_steps, int) and p.warmup_steps >= 0):
     _err(f'{key}.warmup_steps', p.warmup_steps, 'an integer >= 0')
   divisor = num_devices or 1

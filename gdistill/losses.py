@@ -121,7 +121,7 @@ def stage2_target(x_fn, *, z_t, t, student_steps):
 
 
 def stage2_loss(params, frozen, batch, rng, *, apply_fn, mean_type, w_min, w_max, grid,
-                weighting):
+                weighting, w_balance=False):
   """Stage 2: one student step from t matches two teacher steps (w kept as input).
 
   ``frozen`` holds the teacher's ``params`` and the student's step count
@@ -147,4 +147,6 @@ def stage2_loss(params, frozen, batch, rng, *, apply_fn, mean_type, w_min, w_max
                       w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
                                          weighting=weighting)
+  if w_balance:  # as in stage 1: the large-w examples do not drown the small-w ones
+    per_example = per_example / jnp.square(1.0 + w)
   return per_example.mean(), {}

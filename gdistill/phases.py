@@ -68,7 +68,8 @@ class PhaseBuilder:
     elif spec.kind == run_plan.STAGE2:
       loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-                               grid=c.stage2.time_grid, weighting=d.weighting)
+                               grid=c.stage2.time_grid, weighting=d.weighting,
+                               w_balance=c.stage2.get('w_balance', False))
     else:
       # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
       # encoder's is not.

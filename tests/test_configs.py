@@ -78,6 +78,17 @@ def test_stage2_num_steps_for_names_its_halvings(value):
     config_validation.validate(config)
 
 
+@pytest.mark.parametrize('section', ['stage1', 'stage2'])
+def test_w_balance_must_be_a_bool(section):
+  config = load_config('fashion_mnist')
+  with config.unlocked():
+    del config[section]['w_balance']
+    config[section].w_balance = 1  # a config file may set anything
+  with pytest.raises(config_validation.ConfigError,
+                     match=rf'{section}\.w_balance=1: expected True or False'):
+    config_validation.validate(config)
+
+
 def test_cpu_xla_tuned_must_be_a_bool():
   config = load_config('fashion_mnist')
   assert config.cpu_xla_tuned is True

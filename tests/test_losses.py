@@ -311,3 +311,27 @@ def test_stage1_loss_wiring():
       0.1, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw), teacher, student)
   weights = np.maximum(np.exp(sc['logsnr']), 1.0)
   np.testing.assert_allclose(loss1, np.mean(weights * 0.01), rtol=1e-4)
+
+
+@pytest.mark.parametrize('stage', ['stage1', 'stage2'])
+@pytest.mark.parametrize('w', [0.0, 1.5, 3.0])
+def test_w_balance_divides_each_example_by_one_plus_w_squared(stage, w):
+  """With every example at the same w, the balanced loss is the plain one / (1 + w)^2."""
+  data, b = GaussianData(), 32
+  offset = lambda params: 0.1 if params == 'student' else 0.0
+  net = _Recorder(lambda params, z, logsnr, label, w_: data.x_hat(z, logsnr) + offset(params))
+  batch = {'image': 0.5 * jnp.ones((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
+  if stage == 'stage1':
+    fn = functools.partial(losses.stage1_loss, 'student', {'params': 'teacher'}, batch,
+                           jax.random.PRNGKey(1), apply_fn=net, teacher_apply=net,
+                           mean_type='x', teacher_mean_type='x', num_classes=10)
+  else:
+    fn = functools.partial(losses.stage2_loss, 'student',
+                           {'params': 'teacher', 'num_steps': jnp.int32(4)}, batch,
+                           jax.random.PRNGKey(1), apply_fn=net, mean_type='x',
+                           grid='deterministic')
+  kw = dict(w_min=w, w_max=w, weighting='snr_trunc')
+  plain, _ = _run_jitted(lambda: fn(**kw, w_balance=False))
+  balanced, _ = _run_jitted(lambda: fn(**kw, w_balance=True))
+  assert plain > 1e-4
+  np.testing.assert_allclose(balanced, plain / (1.0 + w) ** 2, rtol=1e-5)
