@@ -20,6 +20,12 @@ def _uniform_w(rng, batch, w_min, w_max):
   return jax.random.uniform(rng, (batch,), minval=w_min, maxval=w_max)
 
 
+def _w_balanced(per_example, w):
+  """``w_balance``: each example's loss / (1 + w)^2, since a guided target's distance
+  from the conditional one grows with w, so the large-w examples do not drown the rest."""
+  return per_example / jnp.square(1.0 + w)
+
+
 def teacher_loss(params, frozen, batch, rng, *, apply_fn, mean_type, num_classes, p_uncond,
                  weighting):
   """Classifier-free-guidance teacher: denoising loss with label dropout.
@@ -71,8 +77,8 @@ def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_typ
                       w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
                                          weighting=weighting)
-  if w_balance:  # the guided target's distance from the conditional one grows with w
-    per_example = per_example / jnp.square(1.0 + w)
+  if w_balance:
+    per_example = _w_balanced(per_example, w)
   return per_example.mean(), {}
 
 
@@ -147,6 +153,6 @@ def stage2_loss(params, frozen, batch, rng, *, apply_fn, mean_type, w_min, w_max
                       w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
                                          weighting=weighting)
-  if w_balance:  # as in stage 1: the large-w examples do not drown the small-w ones
-    per_example = per_example / jnp.square(1.0 + w)
+  if w_balance:
+    per_example = _w_balanced(per_example, w)
   return per_example.mean(), {}
