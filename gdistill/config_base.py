@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   # True: each example's loss divided by (1 + w)^2, so the large-w examples (whose guided
   # targets lie furthest from the conditional output) do not drown the small-w ones.
   c.stage1.w_balance = False
+  # The fraction of examples (in expectation) trained at w = guidance.w_min exactly, the
+  # rest at w ~ U[w_min, w_max]: more of them holds the student to its teacher there.
+  c.stage1.w_min_frac = 0.0
   # Stage 2: one halving from 2N to N steps each, from start_steps/2 down to min_steps.
   c.stage2 = _optim(num_steps=1000, learning_rate=1e-4, warmup_steps=0, lr_decay='linear',
                     ema_decay=0.0, dropout=0.0)

@@ -119,6 +119,9 @@ def _validate_optimisation(key, p, *, num_devices, num_processes) -> None:
   for name in ('ema_warmup', 'w_balance'):
     if not isinstance(p.get(name, False), bool):
       _err(f'{key}.{name}', p[name], 'True or False')
+  frac = p.get('w_min_frac', 0.0)
+  if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
+    _err(f'{key}.w_min_frac', frac, 'a number in [0, 1)')
   if not (isinstance(p.warmup_steps, int) and p.warmup_steps >= 0):
     _err(f'{key}.warmup_steps', p.warmup_steps, 'an integer >= 0')
   divisor = num_devices or 1

@@ -16,8 +16,14 @@ from gdistill import diffusion
 from gdistill.guidance import guided_x_hat, model_x_hat
 
 
-def _uniform_w(rng, batch, w_min, w_max):
-  return jax.random.uniform(rng, (batch,), minval=w_min, maxval=w_max)
+def _uniform_w(rng, batch, w_min, w_max, w_min_frac=0.0):
+  """w ~ U[w_min, w_max]; with ``w_min_frac`` > 0 that fraction of examples (in
+  expectation) is drawn at exactly w_min instead."""
+  w = jax.random.uniform(rng, (batch,), minval=w_min, maxval=w_max)
+  if w_min_frac > 0:
+    at_min = jax.random.bernoulli(jax.random.fold_in(rng, 1), w_min_frac, (batch,))
+    w = jnp.where(at_min, jnp.asarray(w_min, w.dtype), w)
+  return w
 
 
 def _w_balanced(per_example, w):
@@ -58,10 +64,11 @@ def stage1_target(*, teacher_apply, teacher_params, z_t, logsnr, label, w, num_c
 
 
 def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_type,
-                teacher_mean_type, num_classes, w_min, w_max, weighting, w_balance=False):
+                teacher_mean_type, num_classes, w_min, w_max, weighting, w_balance=False,
+                w_min_frac=0.0):
   """Stage 1: a w-conditioned student matches the guided teacher for every w.
 
-  t ~ U[0, 1], w ~ U[w_min, w_max];
+  t ~ U[0, 1], w ~ U[w_min, w_max] (a ``w_min_frac`` of examples at w_min exactly);
   loss = E[omega(lambda_t) ||x_hat_eta1(z_t, c, w) - x_hat^w_theta(z_t, c)||^2].
   """
   x, label = batch['image'], batch['label']
@@ -69,7 +76,7 @@ def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_typ
   t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
   logsnr = diffusion.logsnr_schedule_cosine(jax.random.uniform(t_rng, (b,)))
   z_t = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
-  w = _uniform_w(w_rng, b, w_min, w_max)
+  w = _uniform_w(w_rng, b, w_min, w_max, w_min_frac)
   x_target = stage1_target(teacher_apply=teacher_apply, teacher_params=frozen['params'],
                            z_t=z_t, logsnr=logsnr, label=label, w=w, num_classes=num_classes,
                            mean_type=teacher_mean_type)

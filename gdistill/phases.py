@@ -64,7 +64,8 @@ class PhaseBuilder:
           losses.stage1_loss, teacher_apply=self.store.net(use_w=False).apply,
           mean_type=d.mean_type, teacher_mean_type=d.mean_type,
           num_classes=self.store.num_classes, w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-          weighting=d.weighting, w_balance=c.stage1.get('w_balance', False))
+          weighting=d.weighting, w_balance=c.stage1.get('w_balance', False),
+          w_min_frac=float(c.stage1.get('w_min_frac', 0.0)))
     elif spec.kind == run_plan.STAGE2:
       loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,

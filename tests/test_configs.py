@@ -89,6 +89,17 @@ def test_w_balance_must_be_a_bool(section):
     config_validation.validate(config)
 
 
+@pytest.mark.parametrize('value', [1.0, -0.1, 'half', True])
+def test_w_min_frac_must_be_a_fraction_below_one(value):
+  config = load_config('fashion_mnist')
+  with config.unlocked():
+    del config.stage1['w_min_frac']
+    config.stage1.w_min_frac = value  # a config file may set anything
+  with pytest.raises(config_validation.ConfigError,
+                     match=rf'stage1\.w_min_frac={value!r}: expected a number in \[0, 1\)'):
+    config_validation.validate(config)
+
+
 def test_cpu_xla_tuned_must_be_a_bool():
   config = load_config('fashion_mnist')
   assert config.cpu_xla_tuned is True

@@ -335,3 +335,21 @@ def test_w_balance_divides_each_example_by_one_plus_w_squared(stage, w):
   balanced, _ = _run_jitted(lambda: fn(**kw, w_balance=True))
   assert plain > 1e-4
   np.testing.assert_allclose(balanced, plain / (1.0 + w) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize('frac', [0.0, 0.3])
+def test_w_min_frac_trains_that_fraction_at_w_min_and_the_rest_uniform(frac):
+  """stage1.w_min_frac: about that fraction of examples at w_min exactly, the rest in
+  (w_min, w_max); 0 draws every w uniformly."""
+  data, b = GaussianData(), 2048
+  net = _Recorder(lambda params, z, logsnr, label, w_: data.x_hat(z, logsnr))
+  batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
+  _, (calls,) = _run_jitted(lambda: losses.stage1_loss(
+      'student', {'params': 'teacher'}, batch, jax.random.PRNGKey(3), apply_fn=net,
+      teacher_apply=net, mean_type='x', teacher_mean_type='x', num_classes=10, w_min=0.5,
+      w_max=4.0, weighting='snr_trunc', w_min_frac=frac), net)
+  w = [c['w'] for c in calls if c['params'] == 'student'][0]
+  at_min = np.mean(w == 0.5)
+  assert abs(at_min - frac) < 0.04, at_min
+  rest = w[w != 0.5]
+  assert rest.min() > 0.5 and rest.max() < 4.0 and abs(rest.mean() - 2.25) < 0.1
