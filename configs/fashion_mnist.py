@@ -3,8 +3,8 @@
 Distils the teacher that ships with gdistill (gdistill/weights/fashion_mnist_teacher.msgpack,
 trained by configs/fashion_mnist_teacher.py; its sidecar .json says how long and how good):
 stage 1, six halvings from 64 down to 1 step, the evaluation sweep and translation, sized
-for a 2-core CPU: 68:40 on a fresh clone of 5b603f5 at 0.9 stage-1 steps/s (about 45 at
-the 1.44 steps/s of that CPU's fastest hour); its report passes 21 of 22 claims (README).
+for a 2-core CPU: 40:54 on a fresh clone at 1.5 stage-1 steps/s (678b5b9), 68:40 on a
+slow hour of the same CPU at 0.9 (5b603f5); its report passes 21 of 22 claims (README).
 
   python -m gdistill.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
