@@ -69,7 +69,7 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
         k = (state.step + 1).astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
       ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), metrics
   return update_fn
