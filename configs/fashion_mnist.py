@@ -37,7 +37,7 @@ def get_config():
   c.track.update(enabled=True, teacher_every=1000, student_every=300)
   # Stage 1 leaves the teacher's w = 0 quality (its first hundred steps cost the most:
   # quick FID 11.2 -> 35 at 256 samples without w_relative / w_balance, 18 with them) and
-  # wins it back slowly, noisily at a constant rate: 1200 steps decaying linearly to 0
+  # wins it back slowly, noisily at a constant rate: a rate decaying linearly to 0
   # (at 600 steps, same data order: quick FID w = 0 / 1 8.58 / 20.1 decaying against
   # 9.41 / 21.7 constant), each example's loss balanced over w, and a quarter of the
   # examples at w = 0 exactly (stage1.w_min_frac: the students' w = 0 recall, 4 steps 0.672
