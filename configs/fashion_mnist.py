@@ -3,9 +3,9 @@
 Distils the teacher that ships with gdistill (gdistill/weights/fashion_mnist_teacher.msgpack,
 trained by configs/fashion_mnist_teacher.py; its sidecar .json says how long and how good):
 stage 1, six halvings from 64 down to 1 step, the evaluation sweep and translation, sized
-for a 2-core CPU: 40:54 on a fresh clone at 1.5 stage-1 steps/s with 1200 stage-1 steps
-(678b5b9; 1600 now: about 45), 68:40 on a slow hour of the same CPU at 0.9 (5b603f5); its
-report passes all 22 claims (README).
+for a 2-core CPU: 52:22 on a fresh clone of a44ab34 at 1.28-1.41 stage-1 steps/s (expect
+75-80 minutes on a slow hour of the same CPU, at 0.9 steps/s); its report passes all 22
+claims (README).
 
   python -m gdistill.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
