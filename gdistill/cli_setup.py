@@ -40,7 +40,9 @@ _configure_cpu_devices()
 
 
 def fail(message: str, code: int = 2):
-  """Prints one line to stderr and exits non-zero."""
+  """Prints one line to stderr (and the log file, if open) and exits non-zero."""
+  from gdistill import console  # pylint: disable=g-import-not-at-top
+  console.log_only(f'gdistill: error: {message}')
   print(f'gdistill: error: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
 
@@ -139,7 +141,8 @@ def _quiet_background_write_failures():
 @contextlib.contextmanager
 def user_errors():
   """Turns the errors a user can cause into one-line messages and exit code 2."""
-  from gdistill.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from gdistill import console  # pylint: disable=g-import-not-at-top
+  from gdistill.checkpoint import CheckpointError
   from gdistill.config_validation import ConfigError
   from gdistill.data import DataError
   from gdistill.loop import TrainingDiverged
@@ -153,6 +156,7 @@ def user_errors():
           TrainingDiverged) as e:
     fail(str(e))
   except Preempted as e:  # not an error: the run resumes from its checkpoint
+    console.log_only(f'gdistill: {e}', logging.WARNING)
     print(f'gdistill: {e}', file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
   except Exception as e:  # pylint: disable=broad-except
@@ -251,13 +255,3 @@ def maybe_initialize_distributed(config, environ=None) -> bool:
   jax.distributed.initialize(**kwargs)
   return True
 
-
-def quiet_libraries() -> None:
-  """Hides INFO logs (orbax's per-restore lines, ...) unless --verbosity was given.
-
-  For the sampling and translation commands, whose own progress lines are printed
-  to stdout by ``metric_writer.log`` and whose errors are one line on stderr.
-  """
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)

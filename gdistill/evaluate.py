@@ -75,6 +75,8 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     _cli.fail('--workdir is required, e.g. --workdir=runs/fashion_mnist')
+  from gdistill import console  # pylint: disable=g-import-not-at-top
+  console.setup(hold=True)
   if not storage.isdir(os.path.join(workdir, 'checkpoints')):
     _cli.fail(f'--workdir={workdir}: no checkpoints there; train first with '
               f'python -m gdistill.main --config=... --workdir={workdir}')
@@ -89,12 +91,14 @@ def main(argv):
           f'{tuple(config.eval.teacher_steps)}); pass --config=configs/X.py for the eval '
           f'settings of that file', flush=True)
   _cli.maybe_initialize_distributed(config)
+  import jax  # pylint: disable=g-import-not-at-top
   from gdistill.eval import sweep  # pylint: disable=g-import-not-at-top
   from gdistill import workdir_lock  # pylint: disable=g-import-not-at-top
   from gdistill.run_setup import open_run  # pylint: disable=g-import-not-at-top
   with _cli.user_errors():
     setup = open_run(config, workdir)
     with workdir_lock.held(setup.workdir, 'gdistill.evaluate'):
+      console.open_log(setup.workdir, jax.process_index())
       sweep.run_sweep(config, setup.store, train_source=setup.source)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from gdistill import checkpoint, preemption, sharding, xla_options
 from gdistill.data import train_batches
-from gdistill.metric_writer import MetricWriter, Progress, log
+from gdistill.metric_writer import MetricWriter, Progress, RunProgress, log
 from gdistill.train_state import TrainState
 
 
@@ -76,6 +76,7 @@ class LoopContext:
   dispatch_depth: int = DISPATCH_DEPTH
   data_workers: int = 0  # Grain worker processes reading the batches (0: this process)
   compile_options: dict = dataclasses.field(default_factory=dict)  # xla_options.compile_options
+  run: Optional[RunProgress] = None  # the run's phases, for "[2/8] stage1 ... run ETA" lines
 
 
 def phase_rng(seed: int, name: str) -> jax.Array:
@@ -277,7 +278,7 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
   batch = next(batches)
   update = compile_step(phase, ctx, state, batch, rng)
   progress = Progress(name=phase.name, start_step=step, total_steps=phase.num_steps,
-                      batch_size=phase.batch_size)
+                      run=ctx.run)
   metrics = _Metrics(phase, step, ctx.dispatch_depth)
   while step < phase.num_steps:
     metrics.bound()
@@ -287,7 +288,7 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
     last = step == phase.num_steps
     if not last:
       batch = next(batches)  # placed on the devices while the steps in flight run
-    if progress._t0 is None:  # the rate counts from the end of the first step
+    if not progress.started:  # the rate counts from the end of the first step
       jax.block_until_ready(step_metrics)
       progress.start(step)
     if step % ctx.log_every == 0 or last:

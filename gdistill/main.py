@@ -1,7 +1,8 @@
 """Command line: ``python -m gdistill.main --config=configs/X.py --workdir=DIR``.
 
 Overrides: ``--config.teacher.num_steps=100``. Rerunning resumes from the
-workdir's checkpoints.
+workdir's checkpoints. Library log lines go to WORKDIR/gdistill.log (``-v 0``: on the
+terminal too; ``gdistill.console``).
 """
 
 from gdistill import cli_setup  # sets XLA_FLAGS before JAX starts; pylint: disable=unused-import
@@ -21,6 +22,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samp
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from gdistill import console  # pylint: disable=g-import-not-at-top
+  console.setup(hold=True)  # the log opens in the workdir once the run may write there
   config = _cli.config_value(_CONFIG)
   if config is None or not _WORKDIR.value:
     _cli.fail('--config and --workdir are required, e.g. '

@@ -1,14 +1,16 @@
-"""Scalar metrics to TensorBoard event files (tensorboardX, no TensorFlow) and
-the console, and a progress line with rate and ETA."""
+"""Scalar metrics to TensorBoard event files (tensorboardX, no TensorFlow), lines to the
+user (``log``), and a progress line with rate and ETA of the phase and of the run."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import jax
-from absl import logging
+
+from gdistill import console
 
 
 class MetricWriter:
@@ -33,16 +35,65 @@ class MetricWriter:
       self._tb = None
 
 
-class Progress:
-  """Rate (steps/s, images/s) and ETA over the steps run in this process."""
+def duration(seconds: float) -> str:
+  """``12m05s``; ``1h25m`` from an hour on."""
+  s = int(seconds)
+  return f'{s // 3600}h{s % 3600 // 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
 
-  def __init__(self, *, name: str, start_step: int, total_steps: int, batch_size: int):
-    self.name, self.total, self.batch = name, total_steps, batch_size
+
+class RunProgress:
+  """Which phase of how many a run is in, and the ETA of its remaining steps.
+
+  A phase's remaining steps take the time of the latest rate measured in this process
+  for its group: phases of one group run at one rate (the stage-2 halvings share one
+  compiled step). A group not yet measured makes the ETA ``unknown``; work besides the
+  steps (evaluation, translation, in-training FID) makes it a lower bound: ``>20m``.
+  """
+
+  def __init__(self, phases: Sequence[tuple[str, str, int]], *, more_work: bool = False):
+    """``phases``: (name, group, num_steps) of the phases the run trains, in order."""
+    self.phases, self.more_work = list(phases), more_work
+    self._rates = {}
+
+  def tag(self, name: str) -> str:
+    return f'[{self._index(name) + 1}/{len(self.phases)}]'
+
+  def eta(self, name: str, step: int, rate: float) -> str:
+    """The run's ETA, ``rate`` (steps/s, NaN: unknown) being phase ``name``'s now."""
+    i = self._index(name)
+    if math.isfinite(rate):
+      self._rates[self.phases[i][1]] = rate
+    seconds = 0.0
+    for j, (_, group, num_steps) in enumerate(self.phases[i:]):
+      if group not in self._rates:
+        return 'run ETA unknown'
+      seconds += (num_steps - step if j == 0 else num_steps) / self._rates[group]
+    return f'run ETA {">" if self.more_work else ""}{duration(seconds)}'
+
+  def _index(self, name: str) -> int:
+    return [p[0] for p in self.phases].index(name)
+
+  def __contains__(self, name: str) -> bool:
+    return any(p[0] == name for p in self.phases)
+
+
+class Progress:
+  """A phase's progress line: step, metrics, rate (steps/s) and ETA, over the steps run
+  in this process; with ``run``, which phase of the run's it is and the run's ETA."""
+
+  def __init__(self, *, name: str, start_step: int, total_steps: int,
+               run: Optional[RunProgress] = None):
+    self.name, self.total = name, total_steps
+    self.run = run if run is not None and name in run else None
     self._t0, self._s0 = None, start_step
 
   def start(self, step: int) -> None:
     """Called after the first (compiling) step, so compile time is not in the rate."""
     self._t0, self._s0 = time.perf_counter(), step
+
+  @property
+  def started(self) -> bool:
+    return self._t0 is not None
 
   def exclude(self, seconds: float) -> None:
     """Leaves ``seconds`` of other work (in-training evaluation) out of the rate."""
@@ -50,15 +101,14 @@ class Progress:
       self._t0 += seconds
 
   def line(self, step: int, metrics: Mapping[str, float]) -> str:
-    parts = [f'{self.name} {step}/{self.total}']
+    parts = [self.run.tag(self.name)] if self.run else []
+    parts += [f'{self.name} {step}/{self.total}']
     parts += [f'{k}={v:.4g}' for k, v in metrics.items()]
-    if self._t0 is not None and step > self._s0:
-      dt = time.perf_counter() - self._t0
-      rate = (step - self._s0) / dt
-      eta = (self.total - step) / rate
-      parts += [f'{rate:.2f} steps/s', f'{rate * self.batch:.0f} img/s',
-                f'ETA {int(eta // 60)}m{int(eta % 60):02d}s']
-    return '  '.join(parts)
+    rate = self.rate(step)
+    if math.isfinite(rate):
+      parts += [f'{rate:.2f} steps/s', f'ETA {duration((self.total - step) / rate)}']
+    line = ' '.join(parts)
+    return f'{line}, {self.run.eta(self.name, step, rate)}' if self.run else line
 
   def rate(self, step: int) -> float:
     if self._t0 is None or step <= self._s0:
@@ -67,6 +117,6 @@ class Progress:
 
 
 def log(msg: str) -> None:
+  """A line to the user (process 0): ``console.line``."""
   if jax.process_index() == 0:
-    logging.info(msg)
-    print(msg, flush=True)
+    console.line(msg)

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-from gdistill import config_validation, sharding, storage, xla_options
+from gdistill import config_validation, console, sharding, storage, xla_options
 from gdistill.data import open_source
 from gdistill.model_store import ModelStore
 from gdistill.workdir import check_config
@@ -34,8 +34,9 @@ def open_run(config, workdir: str) -> RunSetup:
   config_validation.validate(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   config_validation.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
-  source = open_source(config.data.name, split=config.data.split,
-                       data_dir=config.data.data_dir or None, download=config.data.download)
+  with console.output_to_log('tfds'):  # preparing a dataset prints messages and progress bars
+    source = open_source(config.data.name, split=config.data.split,
+                         data_dir=config.data.data_dir or None, download=config.data.download)
   config_validation.validate(config, image_shape=tuple(source.image_shape),
                              num_devices=mesh.size, num_processes=jax.process_count())
   check_config(config, workdir)

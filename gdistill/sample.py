@@ -18,6 +18,7 @@ from gdistill import cli_setup  # sets XLA_FLAGS before JAX starts; pylint: disa
 from absl import app, flags  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from gdistill import cli_setup as cli  # pylint: disable=g-import-not-at-top
+from gdistill import console  # pylint: disable=g-import-not-at-top
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a run.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps.')
@@ -58,7 +59,7 @@ def model_phase(work, *, model: str, sampler: str, steps: int) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_libraries()
+  console.setup()  # library lines below ERROR: off the terminal (this command keeps no log)
   for flag in (_WORKDIR, _STEPS, _OUTPUT):
     if flag.value is None:
       cli.fail(f'--{flag.name} is required, e.g. --workdir=runs/fashion_mnist --steps=4 '

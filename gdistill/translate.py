@@ -33,13 +33,14 @@ def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from gdistill import image_io  # pylint: disable=g-import-not-at-top
   from gdistill import cli_setup as cli  # pylint: disable=g-import-not-at-top
+  from gdistill import console  # pylint: disable=g-import-not-at-top
   from gdistill import translation  # pylint: disable=g-import-not-at-top
   from gdistill.metric_writer import log  # pylint: disable=g-import-not-at-top
   from gdistill.model_store import ModelStore, load_config  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  cli.quiet_libraries()
+  console.setup()  # library lines below ERROR: off the terminal (this command keeps no log)
   for name in ('workdir', 'source_class', 'target_class', 'steps', 'input', 'output'):
     if f[name].value is None:
       cli.fail(f'--{name} is required, e.g. --workdir=runs/fashion_mnist --source_class=7 '

@@ -57,7 +57,8 @@ def test_old_workdir_resumes_samples_and_evaluates(old_workdir, fashion_data_dir
   proc = _gdistill('main', '--config=configs/smoke.py', f'--workdir={workdir}',
                    "--config.stages=('teacher','stage1','stage2')", data)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'teacher: already finished' in proc.stderr and 'stage1: already finished' in proc.stderr
+  out = proc.stdout + proc.stderr
+  assert 'teacher: already finished' in out and 'stage1: already finished' in out
   for phase in ('stage2_n0004', 'stage2_n0002'):
     assert os.path.isdir(os.path.join(workdir, 'checkpoints', phase)), phase
 

@@ -165,6 +165,15 @@ def test_workdir_of_another_config_is_refused(tmp_path, fashion_data_dir):
   assert _tree_hash(workdir) == before
 
 
+def test_refused_run_opens_no_log_file(tmp_path, fashion_data_dir):
+  """The log opens once the workdir is the run's: not in the workdir of another config."""
+  workdir = _record_smoke_workdir(tmp_path / 'run')
+  proc = _run(workdir, fashion_data_dir, '--config.model.ch=8')
+  _assert_one_line_error(proc, 'model.ch')
+  assert not os.path.exists(os.path.join(workdir, 'gdistill.log'))
+  assert proc.stdout == ''  # gdistill's lines wait for the log, which never opened
+
+
 def test_workdir_with_checkpoints_but_no_config_is_refused(tmp_path, fashion_data_dir):
   workdir = tmp_path / 'run'
   (workdir / 'checkpoints' / 'teacher').mkdir(parents=True)
@@ -338,18 +347,36 @@ def test_smoke_run_writes_everything(smoke_run):
   assert_smoke_workdir(smoke_run['workdir'], smoke_run['proc'])
 
 
+def test_smoke_run_console_shows_each_gdistill_line_once(smoke_run):
+  """The terminal: gdistill's lines once, plain (stdout), the log file named first; no
+  absl record; the library lines in WORKDIR/gdistill.log."""
+  proc, workdir = smoke_run['proc'], smoke_run['workdir']
+  out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
+  log = os.path.join(workdir, 'gdistill.log')
+  assert out[0] == f'log: {log}', out[:3]
+  assert not [l for l in out + err if re.match(r'^[IWEF]\d{4} ', l)], proc.stderr[-3000:]
+  assert err == [], proc.stderr[-3000:]
+  assert len(set(out)) == len(out), out
+  assert '[4/4] stage2_n0002 2/2 ' in proc.stdout and 'run ETA' in proc.stdout
+  with open(log) as f:
+    text = f.read()
+  assert 'CheckpointManager' in text  # Orbax's INFO lines
+  assert text.count('] done: ') == 1 and out[-1] == f'done: {workdir}'
+
+
 @pytest.mark.slow
 def test_rerun_of_finished_run_changes_nothing(smoke_run, fashion_data_dir, tmp_path):
   """Rerunning the same command loads every finished phase and writes nothing new."""
   import shutil  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'copy')
   shutil.copytree(smoke_run['workdir'], workdir)
-  before = {k: v for k, v in _tree_hash(workdir).items() if not k.startswith('tensorboard')}
+  logs = ('tensorboard', 'gdistill.log')  # appended to by every run
+  before = {k: v for k, v in _tree_hash(workdir).items() if not k.startswith(logs)}
   proc = _run(workdir, fashion_data_dir, timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-5000:]
-  after = {k: v for k, v in _tree_hash(workdir).items() if not k.startswith('tensorboard')}
+  after = {k: v for k, v in _tree_hash(workdir).items() if not k.startswith(logs)}
   assert after == before
-  assert 'already finished' in proc.stderr
+  assert 'already finished' in proc.stdout
 
 
 def _has_checkpoint(workdir, phase, step=None):
@@ -392,7 +419,7 @@ def _assert_same_final_params(workdir, reference):
 def _finish(workdir, data_dir, expect='resumed from step'):
   proc = _run(workdir, data_dir, timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-5000:]
-  assert expect in proc.stderr, proc.stderr[-3000:]
+  assert expect in proc.stdout, proc.stdout[-3000:]
   return proc
 
 
