@@ -12,6 +12,7 @@ Datasets) is needed, so they run unchanged on a bare accelerator machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -34,6 +35,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from gdistill import model_store, networks, phases, run_plan, sharding, xla_options  # pylint: disable=g-import-not-at-top
+from gdistill.models import registry  # pylint: disable=g-import-not-at-top
 
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py')
 QUICK_CONFIG = os.path.join(REPO, 'configs', 'smoke.py')
@@ -105,12 +107,32 @@ class Setup:
   def describe(self) -> str:
     c = self.config
     dev = jax.devices()[0]
-    return (f'config {self.config_name} | model {c.model.size} ch={c.model.ch} '
-            f'mult={tuple(c.model.ch_mult)} blocks={c.model.num_res_blocks} '
-            f'attn={tuple(c.model.attn_resolutions)} | image {self.image_shape} | '
+    return (f'config {self.config_name} | {describe_model(c.model)} | image {self.image_shape} | '
             f'{c.precision} | {c.sharding} over {self.mesh.size} x {dev.platform} '
             f'({dev.device_kind}) | {jax.process_count()} process(es), jax {jax.__version__} | '
             f'XLA options {self.compile_options or "default"}')
+
+
+def describe_model(model) -> str:
+  """The network of a config's model section in a few words."""
+  m = model.to_dict()
+  if registry.arch_name(m) == 'unet':
+    return (f'model {m["size"]} ch={m["ch"]} mult={tuple(m["ch_mult"])} '
+            f'blocks={m["num_res_blocks"]} attn={tuple(m["attn_resolutions"])}')
+  shown = {k: v for k, v in m.items() if k not in ('arch', 'size')}
+  return f'model {m["arch"]} {m["size"]} ' + ' '.join(f'{k}={v}' for k, v in shown.items())
+
+
+def with_model(setup: Setup, model, name_suffix: str = '') -> Setup:
+  """The setup with ``config.model`` replaced by ``model`` (a model section, e.g.
+  ``config_base.dit_model(...)``), its networks rebuilt."""
+  config = copy.deepcopy(setup.config)
+  config.model = model
+  mk = functools.partial(networks.make_net, config, num_classes=setup.num_classes,
+                         out_ch=setup.image_shape[-1])
+  return dataclasses.replace(setup, config=config, config_name=setup.config_name + name_suffix,
+                             teacher_net=mk(use_w=False), student_net=mk(use_w=True),
+                             params_cache={})
 
 
 def make_setup(args) -> Setup:

@@ -18,6 +18,24 @@ def _optim(**kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+def dit_model(*, size: str, patch_size: int, hidden_size: int, depth: int, num_heads: int,
+              mlp_ratio: float = 4.0, dropout: float = 0.0, w_relative: bool = False,
+              remat: bool = False) -> ml_collections.ConfigDict:
+  """The model section of a DiT (gdistill/models/dit.py), to replace base_config's
+  U-Net section: ``c.model = dit_model(size='b2', patch_size=2, ...)``.
+
+  Every structural key is written out (as the U-Net's section writes out its size's
+  values), so the config, the workdir's config.json and the checkpoint meta say what
+  the network is. ``w_relative`` as the U-Net's (the w branch's output minus its
+  output at w = 0); ``remat`` recomputes each transformer block in the backward pass
+  and is not part of the network.
+  """
+  return ml_collections.ConfigDict(dict(
+      arch='dit', size=size, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
+      num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, w_relative=w_relative,
+      remat=remat))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -45,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.diffusion = ml_collections.ConfigDict(dict(mean_type='v', weighting='snr_trunc'))
 
+  # The network: one architecture's keys (gdistill/models/registry.py). This is the
+  # U-Net's section (no ``arch`` key: 'unet', as in every run before DiTs); a config
+  # replaces it whole with ``dit_model(...)`` for a DiT.
   c.model = ml_collections.ConfigDict(dict(
       size='fmnist', ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
       dropout=0.1,
@@ -62,6 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.teacher = _optim(num_steps=10000, learning_rate=2e-4, warmup_steps=200, ema_decay=0.999)
   c.teacher.p_uncond = 0.1
+  # The teacher to distil, when it is not gdistill's own network: 'python:pkg.module:factory'
+  # names a function of the config returning a gdistill.teacher_source.ForeignTeacher (README:
+  # "Bring your own teacher"). Empty: gdistill's network of config.model.
+  c.teacher.source = ''
+  # Accept a teacher whose noise path ends far from pure noise (e.g. Stable Diffusion's
+  # scaled-linear table, alpha(1) = 0.068): refused by default (teacher_source.py says why).
+  c.teacher.allow_signal_at_t1 = False
   c.stage1 = _optim(num_steps=2000, learning_rate=1e-4, warmup_steps=100, ema_decay=0.0,
                     dropout=0.0)
   # True: each example's loss divided by (1 + w)^2, so the large-w examples (whose guided

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from gdistill import diffusion, run_plan, sharding
 from gdistill.eval import plan
-from gdistill.models import unet
+from gdistill.models import registry
 from gdistill.samplers import SAMPLERS
 
 KNOWN_STAGES = ('teacher', 'stage1', 'stage2', 'eval', 'translate')
@@ -33,8 +33,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
 
   Args:
     config: the experiment ConfigDict.
-    image_shape: (H, W, C) of the dataset, once known; checks the U-Net can
-      downsample it.
+    image_shape: (H, W, C) of the dataset, once known; checks the network fits it
+      (the U-Net can downsample it, the DiT's patches divide it).
     num_devices: devices of the mesh, once known; checks batch sizes split.
     num_processes: JAX processes; batch sizes must split over them too.
   """
@@ -56,10 +56,7 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   if config.diffusion.weighting not in diffusion.LOSS_WEIGHTINGS:
     _err('diffusion.weighting', config.diffusion.weighting,
          f'one of {diffusion.LOSS_WEIGHTINGS}')
-  if config.model.size not in unet.SIZES:
-    _err('model.size', config.model.size, f'one of {sorted(unet.SIZES)}')
-  if not isinstance(config.model.get('remat', False), bool):
-    _err('model.remat', config.model.remat, 'True or False')
+  _validate_model(config.model.to_dict(), image_shape)
   if not config.data.name:
     _err('data.name', config.data.name, 'a dataset name such as fashion_mnist or cifar10')
   workers = config.data.get('num_workers', -1)
@@ -78,6 +75,9 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
                            num_processes=num_processes)
   if not 0.0 <= config.teacher.p_uncond < 1.0:
     _err('teacher.p_uncond', config.teacher.p_uncond, 'a probability in [0, 1)')
+  source = config.teacher.get('source', '')
+  if source and not source.startswith('python:'):
+    _err('teacher.source', source, "'' or python:package.module:factory")
 
   start, smallest = config.stage2.start_steps, config.stage2.min_steps
   for key, v in (('stage2.start_steps', start), ('stage2.min_steps', smallest)):
@@ -97,13 +97,54 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     # Here, not when the sweep starts: a bad eval key must not wait for training to end.
     validate_eval(config, num_devices=num_devices)
 
-  if image_shape is not None:
+
+def _validate_model(m: dict, image_shape) -> None:
+  """The model section (as a dict): its architecture's keys only (models/registry.py),
+  and values that build a network for images of ``image_shape`` (H, W, C) once known."""
+  arch = registry.arch_name(m)
+  if arch not in registry.ARCHS:
+    _err('model.arch', arch, f'one of {tuple(sorted(registry.ARCHS))}')
+  spec = registry.ARCHS[arch]
+  for key in m:
+    if key != 'arch' and key not in spec.keys:
+      _err(f'model.{key}', m[key], f"no such key for model.arch={arch!r} (its keys: "
+           f"{', '.join(spec.keys)})")
+  if m.get('size') not in spec.sizes:
+    _err('model.size', m.get('size'), f'one of {sorted(spec.sizes)} (model.arch={arch!r})')
+  for key in ('remat', 'w_relative'):
+    if not isinstance(m.get(key, False), bool):
+      _err(f'model.{key}', m[key], 'True or False')
+  dropout = m.get('dropout', 0.0)
+  if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+      not 0.0 <= dropout < 1.0:
+    _err('model.dropout', dropout, 'a rate in [0, 1)')
+  if arch == 'dit':
+    _validate_dit(dict(spec.sizes[m['size']], **m), image_shape)
+  elif image_shape is not None:
     h, w = image_shape[0], image_shape[1]
-    factor = 2 ** (len(config.model.ch_mult) - 1)
+    levels = len(m['ch_mult'])
+    factor = 2 ** (levels - 1)
     if h % factor or w % factor:
-      _err('model.ch_mult', tuple(config.model.ch_mult),
-           f'{len(config.model.ch_mult) - 1} halvings that divide the image size {h}x{w} '
+      _err('model.ch_mult', tuple(m['ch_mult']),
+           f'{levels - 1} halvings that divide the image size {h}x{w} '
            f'(it must be divisible by {factor}); use fewer levels or another dataset')
+
+
+def _validate_dit(m, image_shape) -> None:
+  """A DiT's section with its size's defaults filled in."""
+  for key in ('patch_size', 'hidden_size', 'depth', 'num_heads'):
+    _positive_int(f'model.{key}', m[key])
+  ratio = m['mlp_ratio']
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+    _err('model.mlp_ratio', ratio, 'a positive number')
+  if m['hidden_size'] % m['num_heads'] or m['hidden_size'] % 4:
+    _err('model.hidden_size', m['hidden_size'],
+         f"a multiple of model.num_heads={m['num_heads']} and of 4 (the 2-D sin-cos position "
+         f"embedding)")
+  if image_shape is not None:
+    h, w, p = image_shape[0], image_shape[1], m['patch_size']
+    if h % p or w % p:
+      _err('model.patch_size', p, f'a divisor of the image size {h}x{w}')
 
 
 def _validate_optimisation(key, p, *, num_devices, num_processes) -> None:

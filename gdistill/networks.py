@@ -1,12 +1,17 @@
-"""Builds the teacher and student U-Nets from the config, and their init functions."""
+"""Builds the teacher and student networks from the config, and their init functions.
+
+The network is ``config.model``'s architecture (``models/registry.py``: a U-Net, or a
+DiT); everything past this module only calls it.
+"""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from gdistill.models.unet import UNet, build_unet
+from gdistill.models import registry
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -18,31 +23,35 @@ COMPUTE_KEYS = ('remat',)
 
 def model_kwargs(config, *, use_w: bool = True) -> dict:
   """The model section as plain keyword arguments (also saved in checkpoint meta), less
-  ``COMPUTE_KEYS``.
+  ``COMPUTE_KEYS``; sequences as lists (as JSON reads them back).
 
-  ``w_relative`` only where it means something and differs from the U-Net's default
-  (False): a teacher (no w branch) and every model saved before the key existed carry
-  no such entry.
+  ``arch`` only for architectures other than the U-Net: a U-Net's entry is what it was
+  before there was a choice, so its checkpoints, workdirs and weights files still match.
+  ``w_relative`` only where it means something and differs from the default (False): a
+  teacher (no w branch) and every model saved before the key existed carry no such
+  entry.
   """
-  kw = {k: v for k, v in config.model.to_dict().items() if k not in COMPUTE_KEYS}
-  kw['ch_mult'] = list(kw['ch_mult'])
-  kw['attn_resolutions'] = list(kw['attn_resolutions'])
+  kw = {k: list(v) if isinstance(v, (tuple, list)) else v
+        for k, v in config.model.to_dict().items() if k not in COMPUTE_KEYS}
+  if kw.get('arch') == registry.DEFAULT_ARCH:
+    del kw['arch']
   if not (use_w and kw.get('w_relative')):
     kw.pop('w_relative', None)
   return kw
 
 
-def make_net(config, *, num_classes: int, out_ch: int, use_w: bool, dropout=None) -> UNet:
+def make_net(config, *, num_classes: int, out_ch: int, use_w: bool, dropout=None) -> nn.Module:
+  """The network ``config.model`` describes (``dropout`` overrides its rate)."""
   kw = model_kwargs(config, use_w=use_w)
-  size = kw.pop('size')
+  arch = registry.get(kw.pop('arch', registry.DEFAULT_ARCH))
   if dropout is not None:
     kw['dropout'] = dropout
-  return build_unet(size=size, num_classes=num_classes, out_ch=out_ch, use_w=use_w,
+  return arch.build(num_classes=num_classes, out_ch=out_ch, use_w=use_w,
                     dtype=COMPUTE_DTYPES[config.precision],
                     remat=bool(config.model.get('remat', False)), **kw)
 
 
-def init_params(net: UNet, rng, image_shape):
+def init_params(net: nn.Module, rng, image_shape):
   """Parameters of ``net`` for images of ``image_shape`` (H, W, C)."""
   z = jnp.zeros((1, *image_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)

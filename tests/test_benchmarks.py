@@ -18,7 +18,8 @@ import smoke_workdir
 BENCH = os.path.join(smoke_workdir.REPO, 'benchmarks')
 HEADLINE = ('teacher_step_peak_fraction', 'stage1_step_over_teacher_step',
             'stage2_step_over_teacher_step', 'sampling_speedup_over_nfe_ratio',
-            'sampler_compile_ratio_1024_over_4')
+            'sampler_compile_ratio_1024_over_4', 'dit_teacher_step_peak_fraction',
+            'dit_stage1_step_peak_fraction')
 
 
 def _bench(script, *args, tmp_path, timeout=900):
@@ -49,6 +50,21 @@ def test_run_quick_writes_the_headline_records(tmp_path):
   for name in HEADLINE:
     assert name in records and records[name] > 0, name
   assert 'Headline' in stdout and 'wall: train' in stdout
+
+
+@pytest.mark.slow  # CI time (see README: slow tests)
+def test_dit_steps_beside_the_configs_unet(tmp_path):
+  """dit_steps.py: the tiny DiT's teacher and stage-1 steps on the smoke config's data,
+  each with its fraction of the matmul peak, under ``dit_`` names; no stage 2."""
+  records, stdout = _bench('dit_steps.py', '--quick', tmp_path=tmp_path)
+  for step in ('teacher', 'stage1'):
+    assert 0 < records[f'dit_{step}_step_peak_fraction'] < 1, records
+    assert records[f'dit_{step}_step_flops'] > 0
+  assert records['dit_stage1_step_over_teacher_step'] > 0
+  # Stage 1 adds two teacher forward passes (backward ~2 forwards): ~5/3 of the FLOPs.
+  assert 1.4 < records['dit_stage1_step_flops'] / records['dit_teacher_step_flops'] < 1.9
+  assert not any(name.startswith('dit_stage2') for name in records)
+  assert 'with DiT tiny' in stdout and 'model dit tiny ' in stdout and 'patch_size=4' in stdout
 
 
 @pytest.mark.slow  # CI time (see README: slow tests)

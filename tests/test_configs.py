@@ -11,17 +11,19 @@ import pytest
 
 from gdistill import config_validation, networks, run_setup, sharding, train, workdir
 from gdistill.data import ImageSource
-from gdistill.models.unet import UNet
+from gdistill.models import dit
 from gdistill.networks import init_params, param_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ('fashion_mnist', 'fashion_mnist_teacher', 'smoke', 'cifar10', 'imagenet64')
+CONFIGS = ('fashion_mnist', 'fashion_mnist_teacher', 'smoke', 'cifar10', 'imagenet64',
+           'imagenet64_dit')
 SHAPES = {'fashion_mnist': ((28, 28, 1), 10), 'fashion_mnist_teacher': ((28, 28, 1), 10),
           'smoke': ((28, 28, 1), 10),
-          'cifar10': ((32, 32, 3), 10), 'imagenet64': ((64, 64, 3), 1000)}
+          'cifar10': ((32, 32, 3), 10), 'imagenet64': ((64, 64, 3), 1000),
+          'imagenet64_dit': ((64, 64, 3), 1000)}
 # Full-size teacher parameter counts (pinned: a change here changes every result).
 FULL_PARAMS = {'fashion_mnist': (1.0e6, 1.5e6), 'cifar10': (35e6, 60e6),
-               'imagenet64': (150e6, 400e6)}
+               'imagenet64': (150e6, 400e6), 'imagenet64_dit': (125e6, 135e6)}  # DiT-B/2
 
 
 def load_config(name):
@@ -33,7 +35,8 @@ def load_config(name):
 
 # The Inception weights a user passes on the command line (see the configs' docstrings).
 INCEPTION = {'cifar10': '/weights/pt_inception-2015-12-05.pth',
-             'imagenet64': '/weights/pt_inception-2015-12-05.pth'}
+             'imagenet64': '/weights/pt_inception-2015-12-05.pth',
+             'imagenet64_dit': '/weights/pt_inception-2015-12-05.pth'}
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -126,7 +129,7 @@ def test_remat_on_for_imagenet64_and_not_part_of_the_network(tmp_path):
   configs; a bool; left out of the checkpoint meta and changeable on a workdir,
   so checkpoints and workdirs of either value (or of before the key) load."""
   for name in CONFIGS:
-    assert load_config(name).model.remat is (name == 'imagenet64'), name
+    assert load_config(name).model.remat is name.startswith('imagenet64'), name
   config = load_config('imagenet64')
   assert 'remat' not in networks.model_kwargs(config)
   assert networks.make_net(config, num_classes=1000, out_ch=3, use_w=False).remat
@@ -144,13 +147,11 @@ def test_remat_on_for_imagenet64_and_not_part_of_the_network(tmp_path):
     config_validation.validate(config)
 
 
-@pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10', 'imagenet64'])
+@pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10', 'imagenet64', 'imagenet64_dit'])
 def test_full_size_model_builds_and_shards(name, devices8):
   config = load_config(name)
   shape, classes = SHAPES[name]
-  kw = config.model.to_dict()
-  kw.pop('size')
-  net = UNet(num_classes=classes, out_ch=shape[-1], **kw)
+  net = networks.make_net(config, num_classes=classes, out_ch=shape[-1], use_w=False)
   abstract = jax.eval_shape(lambda r: init_params(net, r, shape), jax.random.PRNGKey(0))
   lo, hi = FULL_PARAMS[name]
   assert lo < param_count(abstract) < hi, param_count(abstract)
@@ -160,6 +161,23 @@ def test_full_size_model_builds_and_shards(name, devices8):
     split = sum(a.size for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
                 if s.spec != jax.sharding.PartitionSpec())
     assert split > 0.95 * param_count(abstract)  # all but norms and biases
+
+
+def test_imagenet64_dit_is_dit_b2_with_the_imagenet64_recipe():
+  """The DiT config is configs/imagenet64.py with the network swapped (and DiT's learning
+  rate and dropout): the same data, batch, stages, precision, sharding and evaluation."""
+  d, u = load_config('imagenet64_dit'), load_config('imagenet64')
+  assert d.model.arch == 'dit' and d.model.size == 'b2'
+  assert {k: d.model[k] for k in dit.SIZES['b2']} == dit.SIZES['b2']
+  assert networks.model_kwargs(d)['arch'] == 'dit'
+  dd, ud = d.to_dict(), u.to_dict()
+  assert sorted(dd) == sorted(ud)
+  for key in dd:
+    if key not in ('model', 'teacher'):
+      assert dd[key] == ud[key], key
+  assert {k: v for k, v in dd['teacher'].items() if k != 'learning_rate'} == \
+      {k: v for k, v in ud['teacher'].items() if k != 'learning_rate'}
+  assert d.teacher.learning_rate == 1e-4
 
 
 def random_images(name, shape, classes, n=64):
@@ -174,15 +192,19 @@ def random_images(name, shape, classes, n=64):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['cifar10', 'imagenet64'])
+@pytest.mark.parametrize('name', ['cifar10', 'imagenet64', 'imagenet64_dit'])
 def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypatch):
   """The full config's structure (levels, blocks, attention, precision, sharding)
-  with 8 channels: teacher, stage 1 and one halving each run a step on 8 devices."""
+  with 8 channels (a DiT: width 32, 2 blocks): teacher, stage 1 and one halving each run
+  a step on 8 devices."""
   config = load_config(name)
   shape, classes = SHAPES[name]
   with config.unlocked():
     config.stages = ('teacher', 'stage1', 'stage2')
-    config.model.ch = 8
+    if config.model.get('arch') == 'dit':  # the patch size kept; 2 blocks of width 32
+      config.model.update(hidden_size=32, depth=2, num_heads=4)
+    else:
+      config.model.ch = 8
     for phase in ('teacher', 'stage1', 'stage2'):
       config[phase].update(num_steps=1, batch_size=8, warmup_steps=0, checkpoint_every=1)
     config.stage2.update(start_steps=2, min_steps=1)
