@@ -18,6 +18,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from gdistill import compiled_samplers, sharding  # pylint: disable=g-import-not-at-top
+from gdistill.denoiser import for_gdistill_net  # pylint: disable=g-import-not-at-top
 
 STEPS = (4, 64, 1024)
 
@@ -36,8 +37,9 @@ def run(setup: common.Setup, records: common.Records, *, rounds=None) -> dict:
 
   def compile_once(name, n):
     net, mode, params = nets[name]
-    fn = compiled_samplers.make_sample_fn(apply_fn=net.apply, mean_type=c.diffusion.mean_type,
-                                 num_classes=setup.num_classes, mode=mode, sampler='ddim')
+    fn = compiled_samplers.make_sample_fn(
+        for_gdistill_net(net, mean_type=c.diffusion.mean_type, num_classes=setup.num_classes),
+        mode=mode, sampler='ddim')
     steps = jax.device_put(jnp.int32(n), repl)
     return common.timed_compile(fn, params, label, w, z_1, steps, rng,
                                 options=setup.compile_options)[1]

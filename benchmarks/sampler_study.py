@@ -91,6 +91,13 @@ def logsnr_grid(name: str, n: int):
   raise ValueError(f'grid={name!r}: expected one of {GRIDS}')
 
 
+class _Apply:
+  """A bare apply function as the ``net.apply`` of ``for_gdistill_net``."""
+
+  def __init__(self, apply):
+    self.apply = apply
+
+
 def make_study_sampler(*, apply_fn, mean_type: str, num_classes: int, guided: bool = True):
   """jitted ``fn(params, label, w, z_1, num_steps, lam [MAX_STEPS + 1], clip) -> x_hat``:
   guided DDIM over an arbitrary log-SNR grid (2 network evaluations per step).
@@ -101,7 +108,9 @@ def make_study_sampler(*, apply_fn, mean_type: str, num_classes: int, guided: bo
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from gdistill import diffusion, guidance  # pylint: disable=g-import-not-at-top
+  from gdistill import diffusion  # pylint: disable=g-import-not-at-top
+  from gdistill.denoiser import for_gdistill_net  # pylint: disable=g-import-not-at-top
+  net = for_gdistill_net(_Apply(apply_fn), mean_type=mean_type, num_classes=num_classes)
 
   @jax.jit
   def fn(params, label, w, z_1, num_steps, lam, clip):
@@ -112,13 +121,11 @@ def make_study_sampler(*, apply_fn, mean_type: str, num_classes: int, guided: bo
       z_t, _ = carry
       lt, ls = lam[i], lam[i + 1]
       logsnr = jnp.broadcast_to(lt, (b,))
+      # The cosine path's network time is lambda itself: t is not used.
       if guided:
-        x_hat = guidance.guided_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr,
-                                      label=label, w=wb, num_classes=num_classes,
-                                      mean_type=mean_type)
+        x_hat = net.guided_x_hat(params, z_t, t=logsnr, logsnr=logsnr, cond=label, w=wb)
       else:
-        x_hat = guidance.model_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr,
-                                     label=label, mean_type=mean_type)
+        x_hat = net.x_hat(params, z_t, t=logsnr, logsnr=logsnr, cond=label)
       x_hat = jnp.where(clip, jnp.clip(x_hat, -1.0, 1.0), x_hat)
       return diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=lt, logsnr_s=ls), x_hat
 
@@ -299,8 +306,10 @@ def run(args) -> dict:
 
   check = None
   if args.check:
-    ref = compiled_samplers.make_sample_fn(apply_fn=net.apply, mean_type=mean_type,
-                                           num_classes=num_classes, mode='guided', sampler='ddim')
+    from gdistill.denoiser import for_gdistill_net  # pylint: disable=g-import-not-at-top
+    ref = compiled_samplers.make_sample_fn(
+        for_gdistill_net(net, mean_type=mean_type, num_classes=num_classes), mode='guided',
+        sampler='ddim')
     nb = mesh.size * 4
     label, z_1, rng = sweep.batch_inputs(0, batch_size=nb, num_classes=num_classes,
                                          image_shape=image_shape, seed=args.seed)

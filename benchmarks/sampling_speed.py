@@ -18,6 +18,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from gdistill import compiled_samplers, sharding  # pylint: disable=g-import-not-at-top
+from gdistill.denoiser import for_gdistill_net  # pylint: disable=g-import-not-at-top
 
 TEACHER_STEPS = (64, 256)
 STUDENT_STEPS = (1, 2, 4, 8)
@@ -57,7 +58,7 @@ def run(setup: common.Setup, records: common.Records, *, batch=None, rounds=None
   steps = lambda n: jax.device_put(jnp.int32(n), repl)
 
   make = lambda net, mode: compiled_samplers.make_sample_fn(
-      apply_fn=net.apply, mean_type=c.diffusion.mean_type, num_classes=setup.num_classes,
+      for_gdistill_net(net, mean_type=c.diffusion.mean_type, num_classes=setup.num_classes),
       mode=mode, sampler='ddim')
   samplers = {'guided teacher': (make(setup.teacher_net, 'guided'), common.teacher_params(setup)),
               'student': (make(setup.student_net, 'student'), common.student_params(setup))}

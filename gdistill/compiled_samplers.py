@@ -20,10 +20,12 @@ from jax.experimental import multihost_utils
 from gdistill import guidance, samplers, sharding as sharding_lib, xla_options
 
 
-def make_sample_fn(*, apply_fn, mean_type: str, num_classes: int, mode: str, sampler: str):
+def make_sample_fn(net, *, mode: str, sampler: str):
   """Returns jitted ``fn(params, label [B], w [], z_1 [B,H,W,C], num_steps [], rng) -> x``.
 
   Args:
+    net: the ``gdistill.denoiser.Denoiser`` (its noise path gives the sampler's times, its
+      ``clip_x`` whether x_hat is clipped); ``label`` is its condition (any pytree).
     mode: ``guided`` (teacher, 2 network evaluations per step), ``student``
       (w-conditioned network, 1 per step) or ``conditional`` (teacher without
       guidance, w ignored, 1 per step).
@@ -35,14 +37,12 @@ def make_sample_fn(*, apply_fn, mean_type: str, num_classes: int, mode: str, sam
   @jax.jit
   def fn(params, label, w, z_1, num_steps, rng):
     if mode == 'guided':
-      denoise = guidance.guided_teacher_denoise_fn(apply_fn=apply_fn, params=params, label=label,
-                                                   w=w, num_classes=num_classes,
-                                                   mean_type=mean_type)
+      denoise = guidance.guided_teacher_denoise_fn(net, params=params, cond=label, w=w)
     else:
-      denoise = guidance.conditional_denoise_fn(apply_fn=apply_fn, params=params, label=label,
-                                                mean_type=mean_type,
+      denoise = guidance.conditional_denoise_fn(net, params=params, cond=label,
                                                 w=w if mode == 'student' else None)
-    return samplers.sample(sampler, denoise, z_1, num_steps=num_steps, rng=rng)
+    return samplers.sample(sampler, denoise, z_1, num_steps=num_steps, rng=rng,
+                           clip=net.clip_x, path=net.path)
   return fn
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gdistill import diffusion
-from gdistill.guidance import model_x_hat
+from gdistill import diffusion, losses, noise_paths
+from gdistill.denoiser import Denoiser
 
 
 def encoder_time_grid(rng, batch, *, student_steps, grid):
@@ -37,7 +37,7 @@ def encoder_time_grid(rng, batch, *, student_steps, grid):
   raise ValueError(f'translate.encoder.time_grid={grid!r}: expected "deterministic" or "both"')
 
 
-def encoder_target(x_fn, *, z_s, s, student_steps, clean_start):
+def encoder_target(x_fn, *, z_s, s, student_steps, clean_start, path=noise_paths.COSINE):
   """Two teacher reverse-DDIM steps of 1/(2M) from s, and the x_tilde one student step needs.
 
   t' = s + 1/(2M), t'' = s + 1/M (at most 1):
@@ -56,13 +56,14 @@ def encoder_target(x_fn, *, z_s, s, student_steps, clean_start):
     s: [B] start times on the student's grid.
     student_steps: M (may be traced).
     clean_start: bool (may be traced).
+    path: the noise path (``gdistill.noise_paths``) that gives lambda(t).
   Returns:
     x_tilde [B, H, W, C], no gradient.
   """
   m = jnp.asarray(student_steps, jnp.float32)
   t1 = jnp.minimum(s + 0.5 / m, 1.0)
   t2 = jnp.minimum(s + 1.0 / m, 1.0)
-  ls, l1, l2 = (diffusion.logsnr_schedule_cosine(u) for u in (s, t1, t2))
+  ls, l1, l2 = (path.logsnr(u) for u in (s, t1, t2))
   first_clean = jnp.logical_and(clean_start, s == 0).reshape(s.shape + (1,) * (z_s.ndim - 1))
   x1 = jnp.where(first_clean, z_s, x_fn(z_s, s))
   z_1 = diffusion.ddim_step(z_t=z_s, x_hat=x1, logsnr_t=ls, logsnr_s=l1)
@@ -72,7 +73,7 @@ def encoder_target(x_fn, *, z_s, s, student_steps, clean_start):
   return jax.lax.stop_gradient(x_tilde)
 
 
-def encoder_distill_loss(params, frozen, batch, rng, *, apply_fn, mean_type, encode_w, grid,
+def encoder_distill_loss(params, frozen, batch, rng, *, student: Denoiser, encode_w, grid,
                          weighting):
   """One student encoder step from s matches two teacher encoder steps.
 
@@ -80,29 +81,18 @@ def encoder_distill_loss(params, frozen, batch, rng, *, apply_fn, mean_type, enc
   and ``clean_start`` (traced scalars, so all halvings share one compiled step).
   The condition is the image's own label (the source class) at w = ``encode_w``;
   z_s = alpha_s x + sigma_s eps with x from data: the encoder's trajectories follow
-  the forward marginals.
+  the forward marginals (``losses.halving_loss`` with reverse-time targets).
   loss = E[omega(lambda_s) ||x_hat_student(z_s, c, w) - x_tilde||^2].
   At s = 0 the student's x_hat must differ from z_0 by sigma_0 eps_hat: use a
   v- or eps-parameterised network (``diffusion.mean_type``), not x.
   """
-  x, label = batch['image'], batch['label']
-  b = x.shape[0]
+  b = batch['image'].shape[0]
   s_rng, eps_rng, dropout_rng = jax.random.split(rng, 3)
   m = frozen['num_steps']
-  s = encoder_time_grid(s_rng, b, student_steps=m, grid=grid)
-  logsnr = diffusion.logsnr_schedule_cosine(s)
-  z_s = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
-  w = jnp.full((b,), encode_w, jnp.float32)
-
-  def teacher_x(z, u):
-    return model_x_hat(apply_fn=apply_fn, params=frozen['params'], z_t=z,
-                       logsnr=diffusion.logsnr_schedule_cosine(u), label=label, w=w,
-                       mean_type=mean_type)
-
-  x_target = encoder_target(teacher_x, z_s=z_s, s=s, student_steps=m,
-                            clean_start=frozen['clean_start'])
-  x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_s, logsnr=logsnr, label=label,
-                      w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
-  per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
-                                         weighting=weighting)
-  return per_example.mean(), {}
+  return losses.halving_loss(
+      params, frozen, batch, student=student, weighting=weighting,
+      t=encoder_time_grid(s_rng, b, student_steps=m, grid=grid),
+      w=jnp.full((b,), encode_w, jnp.float32), eps_rng=eps_rng, dropout_rng=dropout_rng,
+      target_of=lambda x_fn, z_s, s: encoder_target(
+          x_fn, z_s=z_s, s=s, student_steps=m, clean_start=frozen['clean_start'],
+          path=student.path))

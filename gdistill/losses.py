@@ -3,8 +3,10 @@
 Each loss has the signature ``loss(params, frozen, batch, rng) -> (loss, metrics)``
 once its keyword-only hyper-parameters are bound with ``functools.partial``:
 ``params`` are the trained network's, ``frozen`` the phase's frozen inputs (empty for
-the teacher stage), ``batch`` holds ``image`` [B, H, W, C] in [-1, 1] and
-``label`` [B]. ``shared/METHOD.md`` sections 2-4.
+the teacher stage), ``batch`` holds ``image`` [B, H, W, C] in [-1, 1] and the condition
+``label`` [B] (any pytree with a leading batch axis). The networks are
+``gdistill.denoiser.Denoiser``s: every time, log-SNR and network call goes through the
+denoiser's noise path. ``shared/METHOD.md`` sections 2-4.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gdistill import diffusion
-from gdistill.guidance import guided_x_hat, model_x_hat
+from gdistill import diffusion, noise_paths
+from gdistill.denoiser import Denoiser
 
 
 def _uniform_w(rng, batch, w_min, w_max, w_min_frac=0.0):
@@ -32,61 +34,73 @@ def _w_balanced(per_example, w):
   return per_example / jnp.square(1.0 + w)
 
 
-def teacher_loss(params, frozen, batch, rng, *, apply_fn, mean_type, num_classes, p_uncond,
-                 weighting):
+def _noisy(path, x, t_rng, eps_rng, t=None):
+  """t (drawn from the path's training times unless given), lambda(t) and z_t, [B]."""
+  if t is None:
+    t = path.sample_t(t_rng, x.shape[0])
+  logsnr = path.logsnr(t)
+  return t, logsnr, diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
+
+
+def teacher_loss(params, frozen, batch, rng, *, net: Denoiser, p_uncond, weighting):
   """Classifier-free-guidance teacher: denoising loss with label dropout.
 
-  t ~ U[0, 1], z_t = alpha_t x + sigma_t eps, c -> null with probability p_uncond;
-  loss = E[omega(lambda_t) ||x_hat(z_t, c) - x||^2].
+  t ~ the path's training times, z_t = alpha_t x + sigma_t eps, c -> null with
+  probability p_uncond; loss = E[omega(lambda_t) ||x_hat(z_t, c) - x||^2].
   """
   del frozen
-  x, label = batch['image'], batch['label']
+  x, cond = batch['image'], batch['label']
   b = x.shape[0]
   t_rng, eps_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
-  logsnr = diffusion.logsnr_schedule_cosine(jax.random.uniform(t_rng, (b,)))
-  eps = jax.random.normal(eps_rng, x.shape)
-  z_t = diffusion.diffuse(x=x, eps=eps, logsnr=logsnr)
+  t, logsnr, z_t = _noisy(net.path, x, t_rng, eps_rng)
   drop = jax.random.uniform(drop_rng, (b,)) < p_uncond
-  label = jnp.where(drop, num_classes, label)
-  x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr, label=label,
-                      mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
+  cond = net.condition(cond)
+  cond = jax.tree.map(lambda n, c: jnp.where(drop.reshape((b,) + (1,) * (c.ndim - 1)), n, c),
+                      net.null_like(cond), cond)
+  x_hat = net.x_hat(params, z_t, t=t, logsnr=logsnr, cond=cond, train=True,
+                    rngs={'dropout': dropout_rng}, raw_cond=True)
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x, logsnr=logsnr,
                                          weighting=weighting)
   return per_example.mean(), {}
 
 
-def stage1_target(*, teacher_apply, teacher_params, z_t, logsnr, label, w, num_classes,
-                  mean_type):
+def stage1_target(*, teacher: Denoiser, teacher_params, z_t, t, logsnr, cond, w):
   """The guided teacher's combined prediction x_hat^w_theta(z_t, c), no gradient."""
-  x = guided_x_hat(apply_fn=teacher_apply, params=teacher_params, z_t=z_t, logsnr=logsnr,
-                   label=label, w=w, num_classes=num_classes, mean_type=mean_type)
+  x = teacher.guided_x_hat(teacher_params, z_t, t=t, logsnr=logsnr, cond=cond, w=w)
   return jax.lax.stop_gradient(x)
 
 
-def stage1_loss(params, frozen, batch, rng, *, apply_fn, teacher_apply, mean_type,
-                teacher_mean_type, num_classes, w_min, w_max, weighting, w_balance=False,
-                w_min_frac=0.0):
-  """Stage 1: a w-conditioned student matches the guided teacher for every w.
-
-  t ~ U[0, 1], w ~ U[w_min, w_max] (a ``w_min_frac`` of examples at w_min exactly);
-  loss = E[omega(lambda_t) ||x_hat_eta1(z_t, c, w) - x_hat^w_theta(z_t, c)||^2].
-  """
-  x, label = batch['image'], batch['label']
-  b = x.shape[0]
-  t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
-  logsnr = diffusion.logsnr_schedule_cosine(jax.random.uniform(t_rng, (b,)))
-  z_t = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
-  w = _uniform_w(w_rng, b, w_min, w_max, w_min_frac)
-  x_target = stage1_target(teacher_apply=teacher_apply, teacher_params=frozen['params'],
-                           z_t=z_t, logsnr=logsnr, label=label, w=w, num_classes=num_classes,
-                           mean_type=teacher_mean_type)
-  x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr, label=label,
-                      w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
+def _student_loss(student: Denoiser, params, *, x_target, z_t, t, logsnr, cond, w, dropout_rng,
+                  weighting, w_balance):
+  """omega(lambda_t) ||x_hat_student(z_t, c, w) - x_target||^2 (/ (1 + w)^2 with
+  ``w_balance``), averaged over the batch: the skeleton of every distillation loss."""
+  x_hat = student.x_hat(params, z_t, t=t, logsnr=logsnr, cond=cond, w=w, train=True,
+                        rngs={'dropout': dropout_rng})
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
                                          weighting=weighting)
   if w_balance:
     per_example = _w_balanced(per_example, w)
   return per_example.mean(), {}
+
+
+def stage1_loss(params, frozen, batch, rng, *, student: Denoiser, teacher: Denoiser, w_min,
+                w_max, weighting, w_balance=False, w_min_frac=0.0):
+  """Stage 1: a w-conditioned student matches the guided teacher for every w.
+
+  t ~ the teacher path's training times, w ~ U[w_min, w_max] (a ``w_min_frac`` of
+  examples at w_min exactly);
+  loss = E[omega(lambda_t) ||x_hat_eta1(z_t, c, w) - x_hat^w_theta(z_t, c)||^2].
+  """
+  x, cond = batch['image'], batch['label']
+  b = x.shape[0]
+  t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
+  t, logsnr, z_t = _noisy(teacher.path, x, t_rng, eps_rng)
+  w = _uniform_w(w_rng, b, w_min, w_max, w_min_frac)
+  x_target = stage1_target(teacher=teacher, teacher_params=frozen['params'], z_t=z_t, t=t,
+                           logsnr=logsnr, cond=cond, w=w)
+  return _student_loss(student, params, x_target=x_target, z_t=z_t, t=t, logsnr=logsnr,
+                       cond=cond, w=w, dropout_rng=dropout_rng, weighting=weighting,
+                       w_balance=w_balance)
 
 
 def stage2_time_grid(rng, batch, *, student_steps, grid):
@@ -106,7 +120,7 @@ def stage2_time_grid(rng, batch, *, student_steps, grid):
   raise ValueError(f'stage2.time_grid={grid!r}: expected "deterministic" or "both"')
 
 
-def stage2_target(x_fn, *, z_t, t, student_steps):
+def stage2_target(x_fn, *, z_t, t, student_steps, path=noise_paths.COSINE):
   """Two teacher DDIM steps of 1/(2N) from t, and the x_tilde one student step needs.
 
   x1 = x_fn(z_t, t);   z_t'  = alpha_t'  x1 + (sigma_t'  / sigma_t ) (z_t  - alpha_t  x1)
@@ -114,12 +128,12 @@ def stage2_target(x_fn, *, z_t, t, student_steps):
   x_tilde = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t),
   with t' = max(t - 1/(2N), 0), t'' = max(t - 1/N, 0). Where t'' = 0 the target is
   the teacher's last prediction (x2, or x1 where already t' = 0).
-  ``x_fn(z, t)`` maps z [B, H, W, C] and t [B] to x_hat.
+  ``x_fn(z, t)`` maps z [B, H, W, C] and t [B] to x_hat; ``path`` gives lambda(t).
   """
   n = jnp.asarray(student_steps, jnp.float32)
   t1 = jnp.maximum(t - 0.5 / n, 0.0)
   t2 = jnp.maximum(t - 1.0 / n, 0.0)
-  lt, l1, l2 = (diffusion.logsnr_schedule_cosine(s) for s in (t, t1, t2))
+  lt, l1, l2 = (path.logsnr(s) for s in (t, t1, t2))
   x1 = x_fn(z_t, t)
   z_1 = diffusion.ddim_step(z_t=z_t, x_hat=x1, logsnr_t=lt, logsnr_s=l1)
   x2 = x_fn(z_1, t1)
@@ -133,33 +147,42 @@ def stage2_target(x_fn, *, z_t, t, student_steps):
   return jax.lax.stop_gradient(jnp.where(bcast(t2 > 0), x_tilde, last))
 
 
-def stage2_loss(params, frozen, batch, rng, *, apply_fn, mean_type, w_min, w_max, grid,
-                weighting, w_balance=False):
+def halving_loss(params, frozen, batch, *, student: Denoiser, t, w, eps_rng, dropout_rng,
+                 target_of, weighting, w_balance=False):
+  """One student step matches two teacher steps: a decoder (stage 2) or encoder halving.
+
+  ``t`` [B]: the student's times; ``w`` [B]; ``target_of(x_fn, z_t, t)``: the x_tilde of
+  two teacher steps from t, where ``x_fn(z, s)`` is the teacher (``frozen['params']``,
+  the same network, the same c and w).
+  loss = E[omega(lambda_t) ||x_hat_student(z_t, c, w) - x_tilde||^2].
+  """
+  x, cond = batch['image'], batch['label']
+  t, logsnr, z_t = _noisy(student.path, x, None, eps_rng, t=t)
+
+  def teacher_x(z, s):
+    return student.x_hat(frozen['params'], z, t=s, logsnr=student.path.logsnr(s), cond=cond,
+                         w=w)
+
+  x_target = target_of(teacher_x, z_t, t)
+  return _student_loss(student, params, x_target=x_target, z_t=z_t, t=t, logsnr=logsnr,
+                       cond=cond, w=w, dropout_rng=dropout_rng, weighting=weighting,
+                       w_balance=w_balance)
+
+
+def stage2_loss(params, frozen, batch, rng, *, student: Denoiser, w_min, w_max, grid, weighting,
+                w_balance=False):
   """Stage 2: one student step from t matches two teacher steps (w kept as input).
 
   ``frozen`` holds the teacher's ``params`` and the student's step count
   ``num_steps`` (a traced scalar, so all halvings share one compiled step).
   loss = E[omega(lambda_t) ||x_hat_student(z_t, c, w) - x_tilde||^2].
   """
-  x, label = batch['image'], batch['label']
-  b = x.shape[0]
+  b = batch['image'].shape[0]
   t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
   n = frozen['num_steps']
-  t = stage2_time_grid(t_rng, b, student_steps=n, grid=grid)
-  logsnr = diffusion.logsnr_schedule_cosine(t)
-  z_t = diffusion.diffuse(x=x, eps=jax.random.normal(eps_rng, x.shape), logsnr=logsnr)
-  w = _uniform_w(w_rng, b, w_min, w_max)
-
-  def teacher_x(z, s):
-    return model_x_hat(apply_fn=apply_fn, params=frozen['params'], z_t=z,
-                       logsnr=diffusion.logsnr_schedule_cosine(s), label=label, w=w,
-                       mean_type=mean_type)
-
-  x_target = stage2_target(teacher_x, z_t=z_t, t=t, student_steps=n)
-  x_hat = model_x_hat(apply_fn=apply_fn, params=params, z_t=z_t, logsnr=logsnr, label=label,
-                      w=w, mean_type=mean_type, train=True, rngs={'dropout': dropout_rng})
-  per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
-                                         weighting=weighting)
-  if w_balance:
-    per_example = _w_balanced(per_example, w)
-  return per_example.mean(), {}
+  return halving_loss(
+      params, frozen, batch, student=student, weighting=weighting, w_balance=w_balance,
+      t=stage2_time_grid(t_rng, b, student_steps=n, grid=grid),
+      w=_uniform_w(w_rng, b, w_min, w_max), eps_rng=eps_rng, dropout_rng=dropout_rng,
+      target_of=lambda x_fn, z_t, t: stage2_target(x_fn, z_t=z_t, t=t, student_steps=n,
+                                                   path=student.path))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from gdistill import encoder, losses, run_plan, sharding
 from gdistill.loop import Phase
 from gdistill.model_store import ModelStore
-from gdistill.networks import init_params, model_kwargs, student_from_teacher
+from gdistill.networks import init_params
 from gdistill.run_plan import PhaseSpec
 from gdistill.train_state import init_state, make_optimizer, make_update_fn
 
@@ -25,8 +25,8 @@ from gdistill.train_state import init_state, make_optimizer, make_update_fn
 def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
   """The JSON saved with each checkpoint of a phase: what its network is."""
   s = spec.section(config)
-  out = {'phase': spec.name, 'model': model_kwargs(config, use_w=spec.use_w), 'use_w': spec.use_w,
-         'mean_type': config.diffusion.mean_type, 'num_classes': store.num_classes,
+  out = {'phase': spec.name, 'model': store.model_meta(use_w=spec.use_w), 'use_w': spec.use_w,
+         'mean_type': store.mean_type, 'num_classes': store.num_classes,
          'image_shape': list(store.image_shape), 'dataset': config.data.name,
          'has_ema': s.ema_decay > 0, 'student_steps': spec.student_steps,
          'w_range': [config.guidance.w_min, config.guidance.w_max]}
@@ -61,13 +61,12 @@ class PhaseBuilder:
       frozen['num_steps'] = jax.device_put(jnp.int32(spec.student_steps), repl)
     if spec.kind == run_plan.STAGE1:
       loss = functools.partial(
-          losses.stage1_loss, teacher_apply=self.store.net(use_w=False).apply,
-          mean_type=d.mean_type, teacher_mean_type=d.mean_type,
-          num_classes=self.store.num_classes, w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+          losses.stage1_loss, teacher=self.store.denoiser(use_w=False),
+          w_min=c.guidance.w_min, w_max=c.guidance.w_max,
           weighting=d.weighting, w_balance=c.stage1.get('w_balance', False),
           w_min_frac=float(c.stage1.get('w_min_frac', 0.0)))
     elif spec.kind == run_plan.STAGE2:
-      loss = functools.partial(losses.stage2_loss, mean_type=d.mean_type,
+      loss = functools.partial(losses.stage2_loss,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,
                                grid=c.stage2.time_grid, weighting=d.weighting,
                                w_balance=c.stage2.get('w_balance', False))
@@ -75,7 +74,7 @@ class PhaseBuilder:
       # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
       # encoder's is not.
       frozen['clean_start'] = jax.device_put(jnp.bool_(spec.teacher == run_plan.STAGE1), repl)
-      loss = functools.partial(encoder.encoder_distill_loss, mean_type=d.mean_type,
+      loss = functools.partial(encoder.encoder_distill_loss,
                                encode_w=float(c.translate.encode_w),
                                grid=c.translate.encoder.time_grid, weighting=d.weighting)
     return self._student(spec, loss, frozen, on_done)
@@ -83,10 +82,8 @@ class PhaseBuilder:
   def _teacher(self, spec, on_done) -> Phase:
     c, net = self.config.teacher, self.store.net(use_w=False)
     opt = optimizer(c, c.num_steps)
-    loss = functools.partial(losses.teacher_loss, apply_fn=net.apply,
-                             mean_type=self.config.diffusion.mean_type,
-                             num_classes=self.store.num_classes, p_uncond=c.p_uncond,
-                             weighting=self.config.diffusion.weighting)
+    loss = functools.partial(losses.teacher_loss, net=self.store.denoiser(use_w=False),
+                             p_uncond=c.p_uncond, weighting=self.config.diffusion.weighting)
     seed, image_shape = self.config.seed, self.store.image_shape
 
     def init_fn(frozen):
@@ -108,20 +105,19 @@ class PhaseBuilder:
     teacher's weights (plus a zero-initialised w branch), a halving as an exact copy
     of its teacher."""
     s = spec.section(self.config)
-    train_net = self.store.net(use_w=True, dropout=s.dropout)
+    student = self.store.denoiser(use_w=True, dropout=s.dropout)
     num_steps = spec.num_steps(self.config)
     opt = optimizer(s, num_steps)
     key = (id(s), loss.func, num_steps)  # the learning-rate schedule spans the phase
     if key not in self._updates:
-      self._updates[key] = make_update_fn(functools.partial(loss, apply_fn=train_net.apply), opt,
+      self._updates[key] = make_update_fn(functools.partial(loss, student=student), opt,
                                           ema_decay=s.ema_decay, ema_warmup=s.ema_warmup)
-    seed, image_shape = self.config.seed, self.store.image_shape
+    seed, store = self.config.seed, self.store
     from_teacher_net = spec.kind == run_plan.STAGE1
 
     def init_fn(frozen):
       if from_teacher_net:
-        params = student_from_teacher(
-            init_params(train_net, jax.random.PRNGKey(seed + 1), image_shape), frozen['params'])
+        params = store.init_student(jax.random.PRNGKey(seed + 1), frozen['params'])
       else:
         params = jax.tree.map(jnp.copy, frozen['params'])
       return init_state(params, opt, ema=s.ema_decay > 0)

@@ -10,21 +10,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gdistill import diffusion
+from gdistill import diffusion, noise_paths
 
 SAMPLERS = ('ddim', 'stochastic')
-
-
-def _logsnr(t):
-  return diffusion.logsnr_schedule_cosine(t)
+COSINE = noise_paths.COSINE
 
 
 def _loop(step, carry, num_steps):
   return jax.lax.fori_loop(0, num_steps, step, carry)
 
 
-def ddim_sample(denoise_fn, z_1, *, num_steps, clip: bool = True):
+def ddim_sample(denoise_fn, z_1, *, num_steps, clip: bool = True, path=COSINE):
   """Deterministic N-step DDIM from z_1 ~ N(0, I); returns x_hat of the last step.
+
+  ``path`` (``gdistill.noise_paths``) gives lambda(t); ``clip`` clips x_hat to [-1, 1]
+  (pixels; never in a latent space).
 
   For i = N..1, t = i / N, s = (i - 1) / N:
     x_hat = clip(denoise_fn(z_t, t)),  z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t.
@@ -38,14 +38,15 @@ def ddim_sample(denoise_fn, z_1, *, num_steps, clip: bool = True):
     x_hat = denoise_fn(z_t, t)
     if clip:
       x_hat = jnp.clip(x_hat, -1.0, 1.0)
-    z_s = diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=_logsnr(t), logsnr_s=_logsnr(s))
+    z_s = diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=path.logsnr(t),
+                              logsnr_s=path.logsnr(s))
     return z_s, x_hat
 
   _, x_hat = _loop(step, (z_1, jnp.zeros_like(z_1)), num_steps)
   return x_hat
 
 
-def stochastic_sample(denoise_fn, z_1, *, num_steps, rng, clip: bool = True):
+def stochastic_sample(denoise_fn, z_1, *, num_steps, rng, clip: bool = True, path=COSINE):
   """The paper's stochastic N-step sampler (N network evaluations).
 
   Each step from t = i / N goes deterministically to k = t - 2 / N, then back
@@ -67,7 +68,7 @@ def stochastic_sample(denoise_fn, z_1, *, num_steps, rng, clip: bool = True):
     x_hat = denoise_fn(z_t, t)
     if clip:
       x_hat = jnp.clip(x_hat, -1.0, 1.0)
-    lt, lk, ls = _logsnr(t), _logsnr(k), _logsnr(s)
+    lt, lk, ls = path.logsnr(t), path.logsnr(k), path.logsnr(s)
     z_k = diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=lt, logsnr_s=lk)
     z_s_stoch = diffusion.forward_resample(
         z_k=z_k, logsnr_k=lk, logsnr_s=ls, noise=jax.random.normal(noise_rng, z_t.shape))
@@ -79,7 +80,7 @@ def stochastic_sample(denoise_fn, z_1, *, num_steps, rng, clip: bool = True):
   return x_hat
 
 
-def ddim_encode(denoise_fn, x_0, *, num_steps, clean_start=True):
+def ddim_encode(denoise_fn, x_0, *, num_steps, clean_start=True, path=COSINE):
   """Deterministic DDIM run backwards (t from 0 to 1): image -> noise z_1.
 
   For i = 0..N-1, s = i / N, t = (i + 1) / N:
@@ -106,17 +107,19 @@ def ddim_encode(denoise_fn, x_0, *, num_steps, clean_start=True):
     # lax.cond, not jnp.where: the skipped first step costs no network evaluation.
     x_hat = jax.lax.cond(jnp.logical_and(i == 0, clean_start), lambda z: z,
                          lambda z: denoise_fn(z, s).astype(z.dtype), z_s)
-    return diffusion.ddim_step(z_t=z_s, x_hat=x_hat, logsnr_t=_logsnr(s), logsnr_s=_logsnr(t))
+    return diffusion.ddim_step(z_t=z_s, x_hat=x_hat, logsnr_t=path.logsnr(s),
+                               logsnr_s=path.logsnr(t))
 
   return _loop(step, x_0, num_steps)
 
 
-def sample(name: str, denoise_fn, z_1, *, num_steps, rng=None, clip: bool = True):
+def sample(name: str, denoise_fn, z_1, *, num_steps, rng=None, clip: bool = True, path=COSINE):
   """Dispatches to a sampler by name (``ddim`` or ``stochastic``)."""
   if name == 'ddim':
-    return ddim_sample(denoise_fn, z_1, num_steps=num_steps, clip=clip)
+    return ddim_sample(denoise_fn, z_1, num_steps=num_steps, clip=clip, path=path)
   if name == 'stochastic':
     if rng is None:
       raise ValueError('the stochastic sampler needs rng')
-    return stochastic_sample(denoise_fn, z_1, num_steps=num_steps, rng=rng, clip=clip)
+    return stochastic_sample(denoise_fn, z_1, num_steps=num_steps, rng=rng, clip=clip,
+                             path=path)
   raise ValueError(f'sampler={name!r}: expected one of {SAMPLERS}')

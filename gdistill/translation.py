@@ -43,43 +43,40 @@ QUALITY_FILE = 'quality.json'
 # ---- the pure maths ------------------------------------------------------------
 
 def translate(encode_denoise, decode_denoise, x, *, encode_steps, decode_steps,
-              clean_start=True):
+              clean_start=True, path=samplers.COSINE, clip: bool = True):
   """x [B, H, W, C] in [-1, 1] -> translated x' (same shape).
 
   ``encode_denoise`` / ``decode_denoise`` are ``denoise_fn(z_t, t) -> x_hat`` under
   the source and target conditions (guidance inside them). Steps may be traced.
-  ``clean_start``: see ``samplers.ddim_encode`` (False for a distilled encoder).
+  ``clean_start``: see ``samplers.ddim_encode`` (False for a distilled encoder);
+  ``path``: the noise path of both; ``clip``: whether the decoder clips x_hat.
   """
-  z_1 = samplers.ddim_encode(encode_denoise, x, num_steps=encode_steps, clean_start=clean_start)
-  return samplers.ddim_sample(decode_denoise, z_1, num_steps=decode_steps)
+  z_1 = samplers.ddim_encode(encode_denoise, x, num_steps=encode_steps, clean_start=clean_start,
+                             path=path)
+  return samplers.ddim_sample(decode_denoise, z_1, num_steps=decode_steps, clip=clip, path=path)
 
 
-def denoise_fn_for(mode: str, *, apply_fn, params, label, w, num_classes: int, mean_type: str):
-  """``guided``: the teacher with classifier-free guidance at w (2 calls per step);
-  ``student``: a w-conditioned network queried at w (1 call)."""
+def denoise_fn_for(mode: str, net, *, params, label, w):
+  """``guided``: the teacher (a ``Denoiser``) with classifier-free guidance at w (2 calls
+  per step); ``student``: a w-conditioned network queried at w (1 call)."""
   if mode == 'guided':
-    return guidance.guided_teacher_denoise_fn(apply_fn=apply_fn, params=params, label=label,
-                                              w=w, num_classes=num_classes, mean_type=mean_type)
+    return guidance.guided_teacher_denoise_fn(net, params=params, cond=label, w=w)
   if mode == 'student':
-    return guidance.conditional_denoise_fn(apply_fn=apply_fn, params=params, label=label,
-                                           mean_type=mean_type, w=w)
+    return guidance.conditional_denoise_fn(net, params=params, cond=label, w=w)
   raise ValueError(f'mode={mode!r}: expected guided or student')
 
 
-def make_translate_fn(*, encode_apply, decode_apply, encode_mode: str, decode_mode: str,
-                      mean_type: str, num_classes: int):
+def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: str):
   """Jitted ``fn(enc_params, dec_params, x, source [B], target [B], encode_w, w,
   encode_steps, decode_steps, clean_start) -> x'``; every argument after the
   parameters is traced, so step counts and classes share one compilation."""
   @jax.jit
   def fn(enc_params, dec_params, x, source, target, encode_w, w, encode_steps, decode_steps,
          clean_start):
-    enc = denoise_fn_for(encode_mode, apply_fn=encode_apply, params=enc_params, label=source,
-                         w=encode_w, num_classes=num_classes, mean_type=mean_type)
-    dec = denoise_fn_for(decode_mode, apply_fn=decode_apply, params=dec_params, label=target,
-                         w=w, num_classes=num_classes, mean_type=mean_type)
+    enc = denoise_fn_for(encode_mode, encode_net, params=enc_params, label=source, w=encode_w)
+    dec = denoise_fn_for(decode_mode, decode_net, params=dec_params, label=target, w=w)
     return translate(enc, dec, x, encode_steps=encode_steps, decode_steps=decode_steps,
-                     clean_start=clean_start)
+                     clean_start=clean_start, path=decode_net.path, clip=decode_net.clip_x)
   return fn
 
 
@@ -144,9 +141,8 @@ class Translator:
     key = (route.encoder == 'teacher', route.decoder == 'teacher')
     if key not in self._fns:
       self._fns[key] = compiled_samplers.AotSampler(make_translate_fn(
-          encode_apply=enc.apply_fn, decode_apply=dec.apply_fn, encode_mode=enc.mode,
-          decode_mode=dec.mode, mean_type=self.work.config.diffusion.mean_type,
-          num_classes=self.work.num_classes), name='translate',
+          encode_net=enc.net, decode_net=dec.net, encode_mode=enc.mode,
+          decode_mode=dec.mode), name='translate',
           compile_options=self.work.compile_options)
     fn = self._fns[key]
     n = x.shape[0]

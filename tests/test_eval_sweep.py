@@ -181,8 +181,9 @@ def _toy_apply(variables, z, logsnr, label, *, train=False, rngs=None, w=None):
 def test_generate_reuses_one_compilation_and_feeds_w_and_steps():
   from gdistill import compiled_samplers  # pylint: disable=g-import-not-at-top
   params = {'a': jnp.float32(0.5), 'w': jnp.float32(0.3)}
-  fn = compiled_samplers.make_sample_fn(apply_fn=_toy_apply, mean_type='v', num_classes=10,
-                               mode='student', sampler='stochastic')
+  from gdistill.denoiser import from_apply  # pylint: disable=g-import-not-at-top
+  fn = compiled_samplers.make_sample_fn(from_apply(_toy_apply, mean_type='v', num_classes=10),
+                                        mode='student', sampler='stochastic')
   kw = dict(num_samples=10, batch_size=6, num_classes=10, image_shape=(4, 4, 1), seed=0)
   a, seconds, sampled = sweep.generate(fn, params, w=0.0, num_steps=2, **kw)
   assert a.shape == (10, 4, 4, 1) and sampled == 12 and seconds > 0

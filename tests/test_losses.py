@@ -15,6 +15,7 @@ import pytest
 
 from gd_testlib import GaussianData, perturb_params
 from gdistill import diffusion, losses
+from gdistill.denoiser import from_apply
 from gdistill.networks import student_from_teacher
 
 # ---- float64 reference of METHOD.md sections 1 and 4 -------------------------------
@@ -158,7 +159,8 @@ def test_stage2_loss_queries_teacher_twice_with_same_label_and_w():
   batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
   loss, (calls,) = _run_jitted(lambda: losses.stage2_loss(
       'student', {'params': 'teacher', 'num_steps': jnp.int32(n)}, batch, jax.random.PRNGKey(0),
-      apply_fn=rec, mean_type='x', w_min=1.0, w_max=3.0, grid='deterministic',
+      student=from_apply(rec, mean_type='x', num_classes=10), w_min=1.0, w_max=3.0,
+      grid='deterministic',
       weighting='snr_trunc'), rec)
   assert np.isfinite(loss)
   assert [c['params'] for c in calls] == ['teacher', 'teacher', 'student']
@@ -193,7 +195,7 @@ def test_teacher_loss_drops_label_at_rate_p_uncond(p_uncond):
   label = jnp.asarray(np.random.default_rng(0).integers(0, k, b), jnp.int32)
   batch = {'image': jnp.zeros((b, 1, 1, 1)), 'label': label}
   _, ((call,),) = _run_jitted(lambda: losses.teacher_loss(
-      {}, {}, batch, jax.random.PRNGKey(1), apply_fn=rec, mean_type='x', num_classes=k,
+      {}, {}, batch, jax.random.PRNGKey(1), net=from_apply(rec, mean_type='x', num_classes=k),
       p_uncond=p_uncond, weighting='snr_trunc'), rec)
   seen = call['label']
   dropped = seen != np.asarray(label)
@@ -211,7 +213,7 @@ def test_teacher_loss_is_weighted_x_error():
   rec = _Recorder(_zero_net)
   batch = {'image': jnp.full((b, 1, 1, 1), 0.5), 'label': jnp.zeros((b,), jnp.int32)}
   loss, ((call,),) = _run_jitted(lambda: losses.teacher_loss(
-      {}, {}, batch, jax.random.PRNGKey(2), apply_fn=rec, mean_type='x', num_classes=10,
+      {}, {}, batch, jax.random.PRNGKey(2), net=from_apply(rec, mean_type='x', num_classes=10),
       p_uncond=0.1, weighting='snr_trunc'), rec)
   lam = call['logsnr']
   np.testing.assert_allclose(loss, np.mean(np.maximum(np.exp(lam), 1.0) * 0.25), rtol=1e-5)
@@ -251,14 +253,15 @@ def test_stage1_target_is_guided_teacher(teacher):
   uncond = _x_from_net(tch['apply'], tch['params'], tch['z'], tch['logsnr'],
                        jnp.full_like(tch['label'], k))
   assert np.abs(cond - uncond).max() > 1e-2  # the label matters to this teacher
-  target = jax.jit(functools.partial(losses.stage1_target, teacher_apply=tch['base'].apply,
-                                     num_classes=k, mean_type='v'))
+  target = jax.jit(functools.partial(
+      losses.stage1_target, teacher=from_apply(tch['base'].apply, num_classes=k, mean_type='v'),
+      t=jnp.zeros((tch['b'],))))
   w0 = target(teacher_params=tch['params'], z_t=tch['z'], logsnr=tch['logsnr'],
-              label=tch['label'], w=jnp.zeros((tch['b'],)))
+              cond=tch['label'], w=jnp.zeros((tch['b'],)))
   np.testing.assert_allclose(w0, cond, rtol=1e-5, atol=1e-5)
   w = jnp.array([0.5, 1.0, 2.0, 3.0, 4.0, 7.5])
   got = target(teacher_params=tch['params'], z_t=tch['z'], logsnr=tch['logsnr'],
-               label=tch['label'], w=w)
+               cond=tch['label'], w=w)
   want = (1 + w[:, None, None, None]) * cond - w[:, None, None, None] * uncond
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -293,8 +296,9 @@ def test_stage1_loss_wiring():
       ((1 + w) * cond_x(label) - w * 0.1 * k + params)[:, None, None, None], z.shape))
   label = jnp.asarray(np.random.default_rng(0).integers(0, k, b), jnp.int32)
   batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': label}
-  kw = dict(apply_fn=student, teacher_apply=teacher, mean_type='x', teacher_mean_type='x',
-            num_classes=k, w_min=0.5, w_max=3.0, weighting='snr_trunc')
+  kw = dict(student=from_apply(student, mean_type='x', num_classes=k),
+            teacher=from_apply(teacher, mean_type='x', num_classes=k), w_min=0.5, w_max=3.0,
+            weighting='snr_trunc')
   loss0, ((tc,), (sc,)) = _run_jitted(lambda: losses.stage1_loss(
       0.0, {'params': 'T'}, batch, jax.random.PRNGKey(0), **kw), teacher, student)
   np.testing.assert_array_equal(tc['label'], np.concatenate([label, np.full(b, k)]))
@@ -323,12 +327,13 @@ def test_w_balance_divides_each_example_by_one_plus_w_squared(stage, w):
   batch = {'image': 0.5 * jnp.ones((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
   if stage == 'stage1':
     fn = functools.partial(losses.stage1_loss, 'student', {'params': 'teacher'}, batch,
-                           jax.random.PRNGKey(1), apply_fn=net, teacher_apply=net,
-                           mean_type='x', teacher_mean_type='x', num_classes=10)
+                           jax.random.PRNGKey(1), student=from_apply(net, mean_type='x', num_classes=10),
+                           teacher=from_apply(net, mean_type='x', num_classes=10))
   else:
     fn = functools.partial(losses.stage2_loss, 'student',
                            {'params': 'teacher', 'num_steps': jnp.int32(4)}, batch,
-                           jax.random.PRNGKey(1), apply_fn=net, mean_type='x',
+                           jax.random.PRNGKey(1),
+                           student=from_apply(net, mean_type='x', num_classes=10),
                            grid='deterministic')
   kw = dict(w_min=w, w_max=w, weighting='snr_trunc')
   plain, _ = _run_jitted(lambda: fn(**kw, w_balance=False))
@@ -345,8 +350,9 @@ def test_w_min_frac_trains_that_fraction_at_w_min_and_the_rest_uniform(frac):
   net = _Recorder(lambda params, z, logsnr, label, w_: data.x_hat(z, logsnr))
   batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
   _, (calls,) = _run_jitted(lambda: losses.stage1_loss(
-      'student', {'params': 'teacher'}, batch, jax.random.PRNGKey(3), apply_fn=net,
-      teacher_apply=net, mean_type='x', teacher_mean_type='x', num_classes=10, w_min=0.5,
+      'student', {'params': 'teacher'}, batch, jax.random.PRNGKey(3),
+      student=from_apply(net, mean_type='x', num_classes=10),
+      teacher=from_apply(net, mean_type='x', num_classes=10), w_min=0.5,
       w_max=4.0, weighting='snr_trunc', w_min_frac=frac), net)
   w = [c['w'] for c in calls if c['params'] == 'student'][0]
   at_min = np.mean(w == 0.5)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gdistill import losses, networks
+from gdistill.denoiser import for_gdistill_net
 from gdistill.train_state import init_state, make_optimizer, make_update_fn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,8 +130,8 @@ def test_bfloat16_loss_finite_and_close_to_float32():
   values = {}
   for precision in ('float32', 'bfloat16'):
     config, net = nets(precision)
-    loss = functools.partial(losses.teacher_loss, apply_fn=net.apply,
-                             mean_type=config.diffusion.mean_type, num_classes=NUM_CLASSES,
+    loss = functools.partial(losses.teacher_loss, net=for_gdistill_net(
+        net, mean_type=config.diffusion.mean_type, num_classes=NUM_CLASSES),
                              p_uncond=config.teacher.p_uncond, weighting=config.diffusion.weighting)
     params = nontrivial_params(net)
     values[precision] = float(jax.jit(lambda p: loss(p, {}, batch(), jax.random.PRNGKey(3))[0])(
@@ -149,8 +150,8 @@ def test_bfloat16_training_steps_keep_float32_state_and_track_float32():
     c = config.teacher
     opt = make_optimizer(learning_rate=c.learning_rate, warmup_steps=0, total_steps=10,
                          decay='constant', grad_clip=c.grad_clip)
-    loss = functools.partial(losses.teacher_loss, apply_fn=net.apply,
-                             mean_type=config.diffusion.mean_type, num_classes=NUM_CLASSES,
+    loss = functools.partial(losses.teacher_loss, net=for_gdistill_net(
+        net, mean_type=config.diffusion.mean_type, num_classes=NUM_CLASSES),
                              p_uncond=c.p_uncond, weighting=config.diffusion.weighting)
     update = jax.jit(make_update_fn(loss, opt, ema_decay=0.9))
     state = init_state(nontrivial_params(net), opt, ema=True)

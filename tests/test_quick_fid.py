@@ -11,6 +11,7 @@ import pytest
 
 from gd_testlib import random_like
 from gdistill import checkpoint, compiled_samplers, networks, teacher_file
+from gdistill.denoiser import for_gdistill_net
 from gdistill.eval import features, metrics, quick_fid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,9 +48,9 @@ def quick():
   config = _config()
   net = networks.make_net(config, num_classes=K, out_ch=SHAPE[-1], use_w=False)
   feature_net = _pooled_net()
-  sampler = compiled_samplers.make_sample_fn(apply_fn=net.apply,
-                                             mean_type=config.diffusion.mean_type,
-                                             num_classes=K, mode='guided', sampler='ddim')
+  sampler = compiled_samplers.make_sample_fn(
+      for_gdistill_net(net, mean_type=config.diffusion.mean_type, num_classes=K),
+      mode='guided', sampler='ddim')
   q = quick_fid.QuickFid(feature_net=feature_net, reference=_reference(feature_net),
                          sample_fn=sampler, image_shape=SHAPE, num_classes=K, num_samples=24,
                          batch_size=16, num_steps=2, w_values=(0.0, 1.0), seed=0)

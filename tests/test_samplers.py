@@ -8,6 +8,7 @@ import pytest
 
 from gd_testlib import GaussianData, random_like
 from gdistill import compiled_samplers, diffusion, samplers, sharding
+from gdistill.denoiser import from_apply
 
 # One image shape for every analytic test, so each compiled sampler is reused.
 SHAPE = (16, 16, 16, 4)  # 16384 values: variances to about 1%
@@ -169,9 +170,9 @@ def test_sample_dispatch_errors():
 def student(tiny_nets):
   """The tiny w-conditioned U-Net with random weights, and its compiled
   stochastic sampler (shared by the tests below)."""
-  fn = compiled_samplers.make_sample_fn(apply_fn=tiny_nets['with_w'].apply, mean_type='v',
-                               num_classes=tiny_nets['num_classes'], mode='student',
-                               sampler='stochastic')
+  fn = compiled_samplers.make_sample_fn(
+      from_apply(tiny_nets['with_w'].apply, mean_type='v', num_classes=tiny_nets['num_classes']),
+      mode='student', sampler='stochastic')
   grid = lambda params, num_steps, sharding=None: compiled_samplers.class_grid(
       fn, params, num_classes=tiny_nets['num_classes'], per_class=4,
       image_shape=tiny_nets['shape'], w=2.0, num_steps=num_steps, seed=7, sharding=sharding)
@@ -200,8 +201,8 @@ def test_aot_sampler_compiles_once_logs_once_and_matches_jit(student):
 
 def test_make_sample_fn_rejects_unknown_mode(student):
   with pytest.raises(ValueError, match='mode'):
-    compiled_samplers.make_sample_fn(apply_fn=student['base'].apply, mean_type='v', num_classes=10,
-                            mode='unguided', sampler='ddim')
+    compiled_samplers.make_sample_fn(from_apply(student['base'].apply, mean_type='v',
+                                                num_classes=10), mode='unguided', sampler='ddim')
 
 
 def test_same_seed_same_images_on_1_and_8_devices(student, devices8):

@@ -251,8 +251,7 @@ def test_the_shipped_teacher_loads_and_samples(tmp_path):
   assert model.mode == 'guided'
   label = jnp.arange(10, dtype=jnp.int32)
   z_1 = jax.random.normal(jax.random.PRNGKey(0), (10, 28, 28, 1))
-  fn = compiled_samplers.make_sample_fn(apply_fn=model.apply_fn, mean_type='v', num_classes=10,
-                                        mode='guided', sampler='ddim')
+  fn = compiled_samplers.make_sample_fn(model.net, mode='guided', sampler='ddim')
   x = np.asarray(fn(model.params, label, jnp.float32(1.0), z_1, jnp.int32(4),
                     jax.random.PRNGKey(1)))
   assert x.shape == (10, 28, 28, 1) and np.all(np.abs(x) <= 1.0)

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from gd_testlib import random_like
 from gdistill import losses, loop, sharding
+from gdistill.denoiser import for_gdistill_net
 from gdistill.models import unet
 from gdistill.networks import init_params
 from gdistill.train_state import TrainState, init_state, make_optimizer, make_update_fn
@@ -89,8 +90,9 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-4):
 def teacher_setup():
   net = unet.build_unet(**NET_KW)
   params = random_like(_abstract_params(net), seed=1, scale=0.05)
-  loss = functools.partial(losses.teacher_loss, apply_fn=net.apply, mean_type='v',
-                           num_classes=K, p_uncond=0.2, weighting='snr_trunc')
+  loss = functools.partial(losses.teacher_loss,
+                           net=for_gdistill_net(net, mean_type='v', num_classes=K),
+                           p_uncond=0.2, weighting='snr_trunc')
   return dict(net=net, params=params, state=_host_state(params, ema=True),
               update=make_update_fn(loss, _optimizer(), ema_decay=0.9))
 
@@ -148,8 +150,9 @@ def test_stage2_step_same_under_fsdp_and_replicated(devices8):
   abstract = _abstract_params(net)
   student = random_like(abstract, seed=2, scale=0.05)
   teacher_params = random_like(abstract, seed=3, scale=0.05)
-  loss = functools.partial(losses.stage2_loss, apply_fn=net.apply, mean_type='v', w_min=0.0,
-                           w_max=4.0, grid='both', weighting='snr_trunc')
+  loss = functools.partial(losses.stage2_loss,
+                           student=for_gdistill_net(net, mean_type='v', num_classes=K),
+                           w_min=0.0, w_max=4.0, grid='both', weighting='snr_trunc')
   update = make_update_fn(loss, _optimizer(), ema_decay=0.0)
   mesh = sharding.make_mesh({'data': -1}, devices8)
   state = _host_state(student, ema=False)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from gdistill import diffusion, encoder, samplers, translation
+from gdistill.denoiser import from_apply
 from gd_testlib import GaussianData
 import smoke_workdir
 
@@ -163,7 +164,8 @@ def test_encoder_distill_loss_runs_and_traces_the_step_count():
   batch = {'image': _images((8, 4, 4, 1)), 'label': jnp.zeros((8,), jnp.int32)}
   params = {'scale': jnp.float32(1.0)}
   loss = jax.jit(lambda p, teacher: encoder.encoder_distill_loss(
-      p, teacher, batch, jax.random.PRNGKey(0), apply_fn=apply_fn, mean_type='x', encode_w=0.0,
+      p, teacher, batch, jax.random.PRNGKey(0),
+      student=from_apply(apply_fn, mean_type='x', num_classes=1), encode_w=0.0,
       grid='both', weighting='snr_plus_one')[0])
   teacher = {'params': params, 'num_steps': jnp.int32(4), 'clean_start': jnp.bool_(False)}
   value = float(loss(params, teacher))
