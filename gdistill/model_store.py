@@ -22,11 +22,12 @@ from typing import Callable, Optional
 import jax
 import ml_collections
 
-from gdistill import (checkpoint, compiled_samplers, run_plan, sharding, storage, teacher_file,
-                      xla_options)
+from gdistill import (checkpoint, compiled_samplers, denoiser, noise_paths, run_plan, sharding,
+                      storage, teacher_file, teacher_source, xla_options)
 from gdistill.checkpoint import CheckpointError
 from gdistill.metric_writer import log
-from gdistill.networks import init_params, make_net, model_kwargs, param_count
+from gdistill.networks import (init_params, make_net, model_kwargs, param_count,
+                               student_from_teacher)
 from gdistill.workdir import CONFIG_FILE, WorkdirError
 
 
@@ -68,16 +69,21 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """One loaded phase: ``apply_fn`` and sampling ``params``.
+  """One loaded phase: its ``net`` (a ``gdistill.denoiser.Denoiser``) and sampling
+  ``params``.
 
   ``mode``: ``guided`` (the teacher, 2 network evaluations per step) or ``student``
   (a w-conditioned network, 1 per step).
   """
   phase: str
-  apply_fn: Callable
+  net: denoiser.Denoiser
   params: object
   meta: dict
   mode: str
+
+  @property
+  def apply_fn(self) -> Callable:
+    return self.net.apply_fn
 
 
 class ModelStore:
@@ -137,7 +143,9 @@ class ModelStore:
     return path if path.endswith(teacher_file.SUFFIX) or storage.isfile(path) else None
 
   def step(self, phase: str) -> Optional[int]:
-    """The latest saved step of a phase, or None."""
+    """The latest saved step of a phase, or None (a ``teacher.source`` teacher: 0)."""
+    if phase == run_plan.TEACHER and self.source:
+      return 0
     path = self._file(phase)
     if path is not None:
       return int(teacher_file.read_info(path).get('step') or 0) if storage.isfile(path) else None
@@ -176,6 +184,11 @@ class ModelStore:
 
   def meta(self, phase: str) -> dict:
     """A phase's checkpoint meta (a one-file teacher's sidecar)."""
+    if phase == run_plan.TEACHER and self.source:
+      f = self.foreign
+      return {'phase': phase, 'model': f.meta(self.source), 'use_w': False,
+              'mean_type': f.net.output, 'image_shape': list(f.image_shape),
+              'num_classes': int(f.num_classes), 'step': 0}
     path = self._file(phase)
     if path is not None:
       return teacher_file.read_info(path)
@@ -220,25 +233,90 @@ class ModelStore:
 
   # ---- networks, parameters and samplers -------------------------------------------
 
+  @property
+  def source(self) -> str:
+    """``teacher.source`` where it names a factory (``python:...``), else ''."""
+    source = self.config.teacher.get('source', '')
+    return source if teacher_source.is_python_source(source) else ''
+
+  @functools.cached_property
+  def foreign(self) -> Optional[teacher_source.ForeignTeacher]:
+    """The teacher of ``teacher.source`` (its factory called once), or None."""
+    if not self.source:
+      return None
+    return teacher_source.load(self.source, self.config)
+
+  def check_foreign(self) -> None:
+    """A ``teacher.source`` teacher fits this run's data (ValueError otherwise)."""
+    f = self.foreign
+    if f is None:
+      return
+    if tuple(f.image_shape) != self.image_shape or int(f.num_classes) != self.num_classes:
+      raise teacher_source.TeacherSourceError(
+          f'teacher.source={self.source!r}: the teacher takes images of shape '
+                       f'{tuple(f.image_shape)} with {f.num_classes} classes, the data are '
+                       f'{self.image_shape} with {self.num_classes}')
+    # A discrete teacher's table must hold every grid the halvings query.
+    try:
+      noise_paths.check_nested(f.net.path, int(self.config.stage2.start_steps))
+    except ValueError as e:
+      raise teacher_source.TeacherSourceError(f'teacher.source={self.source!r}: {e}') from e
+
   def net(self, *, use_w: bool, dropout=None):
-    """The U-Net of this run: the teacher's (``use_w=False``) or a student's."""
+    """gdistill's network of this run (``config.model``: a U-Net or a DiT): the teacher's
+    (``use_w=False``) or a student's."""
+    if self.source:
+      raise teacher_source.TeacherSourceError(
+          f'teacher.source={self.source!r}: its networks are the factory\'s')
     return make_net(self.config, num_classes=self.num_classes, out_ch=self.image_shape[-1],
                     use_w=use_w, dropout=dropout)
 
+  def denoiser(self, *, use_w: bool, dropout=None) -> denoiser.Denoiser:
+    """The network with its conventions: what the losses, samplers and translation call
+    (a ``teacher.source`` teacher's own; its student: the teacher with a w input)."""
+    if self.source:
+      return self.foreign.student_net() if use_w else self.foreign.net
+    return denoiser.for_gdistill_net(self.net(use_w=use_w, dropout=dropout),
+                                     mean_type=self.config.diffusion.mean_type,
+                                     num_classes=self.num_classes)
+
+  def init_student(self, rng, teacher_params):
+    """Stage 1's first student: every teacher weight, plus a w input that adds nothing
+    yet (its last layer zero-initialised), so it computes the conditional teacher."""
+    if self.source:
+      return self.foreign.init_student(rng, teacher_params)
+    return student_from_teacher(init_params(self.net(use_w=True), rng, self.image_shape),
+                                teacher_params)
+
   def abstract_params(self, *, use_w: bool):
     """Parameter shapes of the network, with the shardings of the store's strategy."""
-    net = self.net(use_w=use_w)
-    abstract = jax.eval_shape(functools.partial(init_params, net, image_shape=self.image_shape),
-                              jax.random.PRNGKey(0))
+    if self.source:
+      teacher = jax.eval_shape(lambda: self.foreign.params)
+      abstract = (jax.eval_shape(self.init_student, jax.random.PRNGKey(0), teacher) if use_w
+                  else teacher)
+    else:
+      abstract = jax.eval_shape(
+          functools.partial(init_params, self.net(use_w=use_w), image_shape=self.image_shape),
+          jax.random.PRNGKey(0))
     shard = sharding.state_shardings(abstract, self.mesh, self.strategy)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shard)
 
+  def model_meta(self, *, use_w: bool) -> dict:
+    """The checkpoint meta's ``model`` entry: what the network is."""
+    if self.source:
+      return self.foreign.meta(self.source)
+    return model_kwargs(self.config, use_w=use_w)
+
+  @property
+  def mean_type(self) -> str:
+    """The networks' output type."""
+    return self.foreign.net.output if self.source else self.config.diffusion.mean_type
+
   def expected_meta(self, *, use_w: bool) -> dict:
     """The checkpoint meta entries a model of this run must have."""
-    return {'model': model_kwargs(self.config, use_w=use_w), 'image_shape': list(self.image_shape),
-            'num_classes': self.num_classes, 'mean_type': self.config.diffusion.mean_type,
-            'use_w': use_w}
+    return {'model': self.model_meta(use_w=use_w), 'image_shape': list(self.image_shape),
+            'num_classes': self.num_classes, 'mean_type': self.mean_type, 'use_w': use_w}
 
   def load(self, phase: str) -> Model:
     """The sampling parameters (EMA if kept) of a finished phase, with its network."""
@@ -247,6 +325,13 @@ class ModelStore:
       raise CheckpointError(f'{phase!r} is not a phase name (expected teacher, stage1, '
                             f'stage2_nNNNN or encoder_nNNNN)')
     use_w = parsed[0] != run_plan.TEACHER
+    if phase == run_plan.TEACHER and self.source:
+      self.check_foreign()
+      shardings = jax.tree.map(lambda a: a.sharding, self.abstract_params(use_w=False))
+      params = jax.device_put(self.foreign.params, shardings)
+      log(f'loaded the teacher of {self.source} ({param_count(params) / 1e6:.2f}M parameters)')
+      return Model(phase=phase, net=self.foreign.net, params=params, meta=self.meta(phase),
+                   mode='guided')
     directory = self.directory(phase)
     if self._file(phase) is not None:
       if not storage.isfile(directory):
@@ -266,16 +351,14 @@ class ModelStore:
       params, meta = checkpoint.load_eval_params(directory, self.abstract_params(use_w=use_w),
                                                  expect=self.expected_meta(use_w=use_w))
     log(f'loaded {phase} from {directory} ({param_count(params) / 1e6:.2f}M parameters)')
-    return Model(phase=phase, apply_fn=self.net(use_w=use_w).apply, params=params, meta=meta,
+    return Model(phase=phase, net=self.denoiser(use_w=use_w), params=params, meta=meta,
                  mode='student' if use_w else 'guided')
 
   def sampler(self, mode: str, sampler: str = 'ddim') -> compiled_samplers.AotSampler:
     """The compiled sampler of ``mode`` (``guided``/``student``) and kind, made once."""
     key = (mode, sampler)
     if key not in self._samplers:
-      net = self.net(use_w=mode == 'student')
       self._samplers[key] = compiled_samplers.AotSampler(compiled_samplers.make_sample_fn(
-          apply_fn=net.apply, mean_type=self.config.diffusion.mean_type,
-          num_classes=self.num_classes, mode=mode, sampler=sampler),
+          self.denoiser(use_w=mode == 'student'), mode=mode, sampler=sampler),
           name=f'{mode}/{sampler}', log=log, compile_options=self.compile_options)
     return self._samplers[key]

@@ -16,11 +16,11 @@ import os
 
 import jax
 
-from gdistill import compiled_samplers, run_plan, sharding, storage, workdir_lock
+from gdistill import compiled_samplers, console, run_plan, sharding, storage, workdir_lock
 from gdistill.data import num_workers
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, run_phase
-from gdistill.metric_writer import MetricWriter, log
+from gdistill.metric_writer import MetricWriter, RunProgress, log
 from gdistill.networks import param_count
 from gdistill.phases import PhaseBuilder
 from gdistill.run_setup import open_run
@@ -119,12 +119,20 @@ class Run:
 
   def run(self):
     stages = tuple(self.config.stages)
-    trained = self.plan.training(stages, external_teacher=bool(self.config.teacher_checkpoint))
+    trained = self.plan.training(
+        stages, external_teacher=bool(self.config.teacher_checkpoint or self.store.source))
     names = {p.name for p in trained}
     # Models this run only loads are loaded (and checked) before anything is written.
     params = {p.teacher: self.store.load(p.teacher).params for p in trained
               if p.teacher is not None and p.teacher not in names}
     record_config(self.config, self.workdir)
+    console.open_log(self.workdir, jax.process_index())  # the workdir is this run's now
+    # A distillation step of any kind (stage 1, a halving, an encoder) runs a frozen network
+    # twice and updates a student of its size: one rate (README: stage 1 and 2 measured so).
+    self.ctx.run = RunProgress(
+        [(p.name, 'teacher' if p.kind == run_plan.TEACHER else 'distillation',
+          p.num_steps(self.config)) for p in trained],
+        more_work=bool({'eval', 'translate'} & set(stages)) or self.config.track.enabled)
     readers = collections.Counter(p.teacher for p in trained if p.teacher is not None)
 
     def train(spec):  # keeps a phase's parameters only while a later phase distils them

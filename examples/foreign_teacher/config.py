@@ -1,0 +1,29 @@
+"""Distil the foreign DiT teacher (examples/foreign_teacher) with gdistill's stock pipeline.
+
+The teacher comes from ``factory.make_teacher`` (teacher.source): another codebase's DiT
+(NCHW, integer timesteps on a linear-beta DDPM table, eps-prediction, null label 0), whose
+student gets w through a zero-initialised embedding added to its ``TimestepEmbedder_0``.
+The recipe is the embedded default's (configs/fashion_mnist.py): stage 1, halvings 64 -> 1
+on the table's nested grid, the evaluation (the teacher's rows sampled here: no shipped
+measurement for this teacher) and translation.
+
+  python -m gdistill.main --config=examples/foreign_teacher/config.py --workdir=runs/foreign
+"""
+
+import importlib.util
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location(
+    'fashion_mnist_config', os.path.join(_HERE, '..', '..', 'configs', 'fashion_mnist.py'))
+_default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_default)
+
+
+def get_config():
+  c = _default.get_config()
+  c.stages = ('stage1', 'stage2', 'eval', 'translate')
+  c.teacher.source = 'python:examples.foreign_teacher.factory:make_teacher'
+  c.teacher_checkpoint = ''
+  c.eval.teacher_rows = ''  # the shipped rows are the U-Net teacher's: sample this one's
+  return c
