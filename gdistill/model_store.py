@@ -124,6 +124,27 @@ class ModelStore:
                num_classes=meta['num_classes'], dataset=meta.get('dataset'),
                compile_options=probe.compile_options)
 
+  @classmethod
+  def open_file(cls, path: str) -> tuple['ModelStore', 'Model']:
+    """A one-file model (``gdistill.teacher_file``: weights + JSON sidecar, e.g. the
+    shipped teacher) and a store over it that samples on every device."""
+    from gdistill.eval.workdir_config import config_from_dict  # pylint: disable=g-import-not-at-top
+    path = resolve_path(path)
+    info = teacher_file.read_info(path)
+    config = config_from_dict(info.get('config') or {})
+    config.teacher_checkpoint = path
+    store = cls(os.path.dirname(path), config, mesh=sharding.make_mesh({sharding.DATA_AXIS: -1}),
+                image_shape=info['image_shape'], num_classes=info['num_classes'],
+                dataset=info.get('dataset'))
+    use_w = bool(info.get('use_w'))
+    params, meta = teacher_file.load_params(path, expect=store.expected_meta(use_w=use_w),
+                                            abstract_params=store.abstract_params(use_w=use_w))
+    log(f'loaded {info.get("phase", "the model")} from {path} '
+        f'({param_count(params) / 1e6:.2f}M parameters)')
+    return store, Model(phase=info.get('phase') or os.path.basename(path),
+                        net=store.denoiser(use_w=use_w), params=params, meta=meta,
+                        mode='student' if use_w else 'guided')
+
   # ---- which phases exist --------------------------------------------------------
 
   def directory(self, phase: str) -> str:

@@ -4,6 +4,11 @@
       --num=16 --sampler=ddim --seed=0 --output=sneakers.png
 
 ``--model`` picks the network:
+  * a one-file model (``*.msgpack`` with its JSON sidecar, e.g. the shipped teacher
+    ``gdistill/weights/fashion_mnist_teacher.msgpack``): no workdir needed, so right
+    after ``pip install``:
+      python -m gdistill.sample --model=gdistill/weights/fashion_mnist_teacher.msgpack \\
+          --steps=64 --w=1 --class=sneaker --output=s.png
   * ``student`` (default): the stage-2 student that serves the sampler at the step
     count (``gdistill.run_plan``: ``--sampler=stochastic --steps=N`` uses the
     N/2-step student), one network evaluation per step.
@@ -28,8 +33,10 @@ _NUM = flags.DEFINE_integer('num', 8, 'Samples (per class without --class).')
 _SAMPLER = flags.DEFINE_enum('sampler', 'ddim', ['ddim', 'stochastic'], 'Sampler.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the noise.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output file, .png or .npz.')
-_MODEL = flags.DEFINE_enum('model', 'student', ['student', 'stage1', 'teacher'],
-                           'Which model samples (see the module docstring).')
+_MODEL = flags.DEFINE_string('model', 'student',
+                             'student, stage1, teacher (of --workdir), or a one-file model '
+                             '(*.msgpack with its .json sidecar; see the module docstring).')
+PHASE_MODELS = ('student', 'stage1', 'teacher')
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'Samples per device batch.')
 
 
@@ -60,7 +67,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup()  # library lines below ERROR: off the terminal (this command keeps no log)
-  for flag in (_WORKDIR, _STEPS, _OUTPUT):
+  from_file = _MODEL.value not in PHASE_MODELS
+  if from_file and not _MODEL.value.endswith('.msgpack'):
+    cli.fail(f'--model={_MODEL.value}: expected student, stage1, teacher or a one-file model '
+             f'(*.msgpack with its .json sidecar)')
+  for flag in ((_STEPS, _OUTPUT) if from_file else (_WORKDIR, _STEPS, _OUTPUT)):
     if flag.value is None:
       cli.fail(f'--{flag.name} is required, e.g. --workdir=runs/fashion_mnist --steps=4 '
                f'--output=samples.png')
@@ -75,6 +86,9 @@ def main(argv):
   from gdistill import image_io  # pylint: disable=g-import-not-at-top
   image_io.check_output_path(_OUTPUT.value, fail=cli.fail)
   with cli.user_errors():
+    if from_file:
+      sample(None)
+      return
     from gdistill.model_store import load_config  # pylint: disable=g-import-not-at-top
     config = load_config(_WORKDIR.value)
     cli.maybe_initialize_distributed(config)
@@ -91,7 +105,10 @@ def sample(config):
   from gdistill.metric_writer import log  # pylint: disable=g-import-not-at-top
   from gdistill.model_store import ModelStore  # pylint: disable=g-import-not-at-top
 
-  work = ModelStore.open(_WORKDIR.value, config)
+  if config is None:  # a one-file model
+    work, model = ModelStore.open_file(_MODEL.value)
+  else:
+    work = ModelStore.open(_WORKDIR.value, config)
   if _CLASS.value is not None:
     try:
       classes = [work.parse_class(_CLASS.value, '--class')]
@@ -100,8 +117,9 @@ def sample(config):
   else:
     classes = list(range(work.num_classes))
   steps, sampler = _STEPS.value, _SAMPLER.value
-  phase = model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps)
-  model = work.load(phase)
+  if config is not None:
+    model = work.load(model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps))
+  phase = model.phase
   fn = work.sampler(model.mode, sampler)
   labels = np.repeat(np.asarray(classes, np.int32), _NUM.value)
   rng = jax.random.PRNGKey(_SEED.value)

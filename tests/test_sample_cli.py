@@ -86,3 +86,28 @@ def test_samples_from_every_model(fashion_data_dir, tmp_path):
   assert _sample(f'--workdir={workdir}', *runs['stoch.npz'], f'--output={again}').returncode == 0
   with np.load(again) as a, np.load(tmp_path / 'stoch.npz') as b:
     np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_sample_from_the_shipped_teacher_file_without_a_workdir(tmp_path):
+  """Right after install: the one-file teacher samples real images of the asked class."""
+  out = str(tmp_path / 'sneakers.npz')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'gdistill.sample',
+       '--model=gdistill/weights/fashion_mnist_teacher.msgpack', '--steps=8', '--w=1',
+       '--class=sneaker', '--num=4', f'--output={out}'],
+      cwd=str(tmp_path), env=smoke_workdir.subprocess_env(), capture_output=True, text=True,
+      timeout=300)  # from another directory: the shipped path resolves to the package's file
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'samples from teacher' in proc.stdout
+  data = np.load(out)
+  assert data['image'].shape == (4, 28, 28, 1) and set(data['label'].tolist()) == {7}
+  assert data['image'].std() > 20  # images, not a flat field
+
+
+@pytest.mark.parametrize('model, fragment', [
+    ('foo', '--model=foo: expected student, stage1, teacher or a one-file model'),
+    ('nope.msgpack', 'nope.msgpack: no such file'),
+])
+def test_sample_from_a_bad_model_file_is_one_line(model, fragment, tmp_path):
+  _one_line_error(_sample(f'--model={model}', '--steps=2', f'--output={tmp_path}/x.png'),
+                  fragment)

@@ -32,9 +32,14 @@ def _overlay(c: ml_collections.ConfigDict, d: dict) -> None:
       c[k] = v
 
 
-def get_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  recorded = json.loads(storage.read_text(path))
+def config_from_dict(recorded: dict) -> ml_collections.ConfigDict:
+  """A recorded config (a workdir's config.json, a weights file's sidecar) over
+  ``base_config()``."""
   c = base_config()
   _overlay(c, recorded)
   return c
+
+
+def get_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  return config_from_dict(json.loads(storage.read_text(path)))
