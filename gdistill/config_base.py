@@ -13,7 +13,9 @@ PHASE_STAGES = ('teacher', 'stage1', 'stage2')
 def _optim(**kw) -> ml_collections.ConfigDict:
   d = dict(num_steps=1000, batch_size=128, learning_rate=2e-4, warmup_steps=100,
            lr_decay='constant', grad_clip=1.0, ema_decay=0.0, ema_warmup=False,
-           checkpoint_every=500, dropout=None)
+           checkpoint_every=500, dropout=None,
+           # The phase's loss weighting (diffusion.LOSS_WEIGHTINGS); '': diffusion.weighting.
+           weighting='')
   d.update(kw)
   return ml_collections.ConfigDict(d)
 

@@ -53,6 +53,15 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('cpu_xla_tuned', config.cpu_xla_tuned, 'True or False')
   if config.diffusion.mean_type not in diffusion.MEAN_TYPES:
     _err('diffusion.mean_type', config.diffusion.mean_type, f'one of {diffusion.MEAN_TYPES}')
+  for section in ('teacher', 'stage1', 'stage2'):
+    w = config[section].get('weighting', '')
+    if w and w not in diffusion.LOSS_WEIGHTINGS:
+      _err(f'{section}.weighting', w, f"'' (diffusion.weighting) or one of "
+           f'{diffusion.LOSS_WEIGHTINGS}')
+  w = config.translate.encoder.get('weighting', '')
+  if w and w not in diffusion.LOSS_WEIGHTINGS:
+    _err('translate.encoder.weighting', w, f"'' (diffusion.weighting) or one of "
+         f'{diffusion.LOSS_WEIGHTINGS}')
   if config.diffusion.weighting not in diffusion.LOSS_WEIGHTINGS:
     _err('diffusion.weighting', config.diffusion.weighting,
          f'one of {diffusion.LOSS_WEIGHTINGS}')

@@ -134,20 +134,27 @@ def guided(*, cond, uncond, w):
   return (1.0 + w) * cond - w * uncond
 
 
-LOSS_WEIGHTINGS = ('snr_trunc', 'snr_plus_one')
+LOSS_WEIGHTINGS = ('snr_trunc', 'snr_plus_one', 'snr', 'constant')
 
 
 def loss_weight(logsnr, *, weighting):
-  """Per-example weight omega(lambda) of an x-space squared error.
+  """Per-example weight omega(lambda) of an x-space squared error (the authors' dpm.py
+  ``mean_loss_weight_type`` in brackets).
 
-  ``snr_trunc``: max(SNR, 1)  (= max of x-MSE and eps-MSE);
-  ``snr_plus_one``: SNR + 1   (= v-MSE).
+  ``snr_trunc``: max(SNR, 1)  (= max of x-MSE and eps-MSE) [snr_trunc];
+  ``snr_plus_one``: SNR + 1   (= v-MSE) [v_mse];
+  ``snr``: SNR                (= eps-MSE) [snr];
+  ``constant``: 1             (= x-MSE) [constant].
   """
   snr = jnp.exp(logsnr)
   if weighting == 'snr_trunc':
     return jnp.maximum(snr, 1.0)
   if weighting == 'snr_plus_one':
     return snr + 1.0
+  if weighting == 'snr':
+    return snr
+  if weighting == 'constant':
+    return jnp.ones_like(snr)
   raise ValueError(f'weighting={weighting!r}: expected one of {LOSS_WEIGHTINGS}')
 
 

@@ -35,6 +35,11 @@ def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
   return out
 
 
+def weighting(config, section) -> str:
+  """A phase's loss weighting: its section's ``weighting``, else ``diffusion.weighting``."""
+  return section.get('weighting', '') or config.diffusion.weighting
+
+
 def optimizer(s, num_steps: int):
   return make_optimizer(learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
                         total_steps=num_steps, decay=s.lr_decay, grad_clip=s.grad_clip)
@@ -54,7 +59,7 @@ class PhaseBuilder:
     ``spec.teacher`` (None for the teacher)."""
     if spec.kind == run_plan.TEACHER:
       return self._teacher(spec, on_done)
-    c, d = self.config, self.config.diffusion
+    c = self.config
     repl = sharding.replicated(self.store.mesh)
     frozen = {'params': teacher_params}
     if spec.student_steps is not None:
@@ -63,12 +68,12 @@ class PhaseBuilder:
       loss = functools.partial(
           losses.stage1_loss, teacher=self.store.denoiser(use_w=False),
           w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-          weighting=d.weighting, w_balance=c.stage1.get('w_balance', False),
+          weighting=weighting(c, c.stage1), w_balance=c.stage1.get('w_balance', False),
           w_min_frac=float(c.stage1.get('w_min_frac', 0.0)))
     elif spec.kind == run_plan.STAGE2:
       loss = functools.partial(losses.stage2_loss,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-                               grid=c.stage2.time_grid, weighting=d.weighting,
+                               grid=c.stage2.time_grid, weighting=weighting(c, c.stage2),
                                w_balance=c.stage2.get('w_balance', False))
     else:
       # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
@@ -76,14 +81,15 @@ class PhaseBuilder:
       frozen['clean_start'] = jax.device_put(jnp.bool_(spec.teacher == run_plan.STAGE1), repl)
       loss = functools.partial(encoder.encoder_distill_loss,
                                encode_w=float(c.translate.encode_w),
-                               grid=c.translate.encoder.time_grid, weighting=d.weighting)
+                               grid=c.translate.encoder.time_grid,
+                               weighting=weighting(c, c.translate.encoder))
     return self._student(spec, loss, frozen, on_done)
 
   def _teacher(self, spec, on_done) -> Phase:
     c, net = self.config.teacher, self.store.net(use_w=False)
     opt = optimizer(c, c.num_steps)
     loss = functools.partial(losses.teacher_loss, net=self.store.denoiser(use_w=False),
-                             p_uncond=c.p_uncond, weighting=self.config.diffusion.weighting)
+                             p_uncond=c.p_uncond, weighting=weighting(self.config, c))
     seed, image_shape = self.config.seed, self.store.image_shape
 
     def init_fn(frozen):

@@ -28,7 +28,8 @@ MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'chec
 ADDED = {**{f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 'stage2')},
          'model.w_relative': False, 'stage1.w_balance': False, 'stage2.num_steps_for': [],
          'stage2.w_balance': False, 'stage1.w_min_frac': 0.0, 'teacher.source': '',
-         'teacher.allow_signal_at_t1': False}
+         'teacher.allow_signal_at_t1': False,
+         **{f'{section}.weighting': '' for section in ('teacher', 'stage1', 'stage2')}}
 # A phase whose learning rate is constant after warm-up can be trained longer: its
 # num_steps may grow (the phase resumes from its last checkpoint).
 EXTENDABLE = ('teacher', 'stage1', 'stage2')

@@ -92,6 +92,21 @@ def test_w_balance_must_be_a_bool(section):
     config_validation.validate(config)
 
 
+@pytest.mark.parametrize('section', ['teacher', 'stage1', 'stage2'])
+def test_a_phase_weighting_overrides_the_diffusion_one_and_is_validated(section):
+  from gdistill import phases  # pylint: disable=g-import-not-at-top
+  config = load_config('fashion_mnist')
+  assert phases.weighting(config, config[section]) == config.diffusion.weighting
+  config[section].weighting = 'snr'  # the authors' teacher and stage-1 weighting (eps-MSE)
+  config_validation.validate(config)
+  assert phases.weighting(config, config[section]) == 'snr'
+  config[section].weighting = 'p2'
+  with pytest.raises(config_validation.ConfigError,
+                     match=rf"{section}\.weighting='p2': expected '' \(diffusion.weighting\) or "
+                           r"one of \('snr_trunc', 'snr_plus_one', 'snr', 'constant'\)"):
+    config_validation.validate(config)
+
+
 @pytest.mark.parametrize('value', [1.0, -0.1, 'half', True])
 def test_w_min_frac_must_be_a_fraction_below_one(value):
   config = load_config('fashion_mnist')

@@ -166,12 +166,16 @@ def test_loss_weights_at_known_logsnr():
                              [1.0, 1.0, 4.0, 9.0], rtol=1e-6)
   np.testing.assert_allclose(diffusion.loss_weight(lam, weighting='snr_plus_one'),
                              [1.0 + np.exp(-5.0), 2.0, 5.0, 10.0], rtol=1e-6)
+  np.testing.assert_allclose(diffusion.loss_weight(lam, weighting='snr'),
+                             [np.exp(-5.0), 1.0, 4.0, 9.0], rtol=1e-6)
+  np.testing.assert_allclose(diffusion.loss_weight(lam, weighting='constant'), [1.0] * 4)
   with pytest.raises(ValueError, match='weighting'):
-    diffusion.loss_weight(lam, weighting='snr')
+    diffusion.loss_weight(lam, weighting='p2')
 
 
 def test_weighted_mse_equals_max_of_x_and_eps_mse_and_v_mse():
-  """snr_trunc = max(x-MSE, eps-MSE); snr_plus_one = v-MSE (METHOD.md section 1)."""
+  """snr_trunc = max(x-MSE, eps-MSE); snr_plus_one = v-MSE (METHOD.md section 1); the
+  authors' 'snr' = eps-MSE and 'constant' = x-MSE (ddpm_w_distillation/dpm.py)."""
   x, eps, _ = _data(7)
   logsnr = jnp.array([-4.0, -1.0, 0.0, 1.0, 4.0])
   z = diffusion.diffuse(x=x, eps=eps, logsnr=logsnr)
@@ -186,3 +190,9 @@ def test_weighted_mse_equals_max_of_x_and_eps_mse_and_v_mse():
   np.testing.assert_allclose(
       diffusion.weighted_x_mse(x_hat=x_hat, x_target=x, logsnr=logsnr, weighting='snr_plus_one'),
       mse(v_hat, v), rtol=1e-4)
+  np.testing.assert_allclose(
+      diffusion.weighted_x_mse(x_hat=x_hat, x_target=x, logsnr=logsnr, weighting='snr'),
+      mse(eps_hat, eps), rtol=1e-4)
+  np.testing.assert_allclose(
+      diffusion.weighted_x_mse(x_hat=x_hat, x_target=x, logsnr=logsnr, weighting='constant'),
+      mse(x_hat, x), rtol=1e-6)
