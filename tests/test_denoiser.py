@@ -96,24 +96,26 @@ def test_every_halving_queries_the_table_on_nested_grids(t_max, start):
   path = noise_paths.DDPMPath(num_timesteps=t_max)
   noise_paths.check_nested(path, start)
   table = path.table
-  recorded = []
 
-  def x_fn(z, s):
-    recorded.append(s)
-    return jnp.zeros_like(z)
+  @functools.partial(jax.jit, static_argnums=1)
+  def queried(t, n):
+    """Every time stage2_target asks the teacher about, compiled (eager ops are slow)."""
+    recorded = []
+
+    def x_fn(z, s):
+      recorded.append(s)
+      return jnp.zeros_like(z)
+    losses.stage2_target(x_fn, z_t=jnp.zeros((n, 1, 1, 1)), t=t, student_steps=n, path=path)
+    return jnp.concatenate(recorded)
 
   n = start // 2
   while n >= 1:
-    t = jnp.arange(1, n + 1, dtype=jnp.float32) / n
-    recorded.clear()
-    losses.stage2_target(x_fn, z_t=jnp.zeros((n, 1, 1, 1)), t=t, student_steps=n, path=path)
-    queried = np.concatenate([np.asarray(s) for s in recorded])
-    index = np.asarray(path.time_input(queried, None))
-    k = np.asarray(path._k(queried))  # pylint: disable=protected-access
-    np.testing.assert_array_equal(k, np.round(queried * t_max))  # on the table
+    q = np.asarray(queried(jnp.arange(1, n + 1, dtype=jnp.float32) / n, n))
+    index = np.asarray(path.time_input(q, None))
+    k = np.asarray(path._k(q))  # pylint: disable=protected-access
+    np.testing.assert_array_equal(k, np.round(q * t_max))  # on the table
     np.testing.assert_array_equal(index, k - 1)
-    np.testing.assert_array_equal(np.asarray(path.logsnr(queried)),
-                                  np.float32(table[k.astype(int)]))
+    np.testing.assert_array_equal(np.asarray(path.logsnr(q)), np.float32(table[k.astype(int)]))
     student = set(np.round(np.arange(1, n + 1) / n * t_max).astype(int))
     teacher = set(np.round(np.arange(1, 2 * n + 1) / (2 * n) * t_max).astype(int))
     assert student <= teacher and len(student) == n
