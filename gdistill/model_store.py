@@ -278,10 +278,15 @@ class ModelStore:
                        f'{tuple(f.image_shape)} with {f.num_classes} classes, the data are '
                        f'{self.image_shape} with {self.num_classes}')
     # A discrete teacher's table must hold every grid the halvings query.
-    try:
-      noise_paths.check_nested(f.net.path, int(self.config.stage2.start_steps))
-    except ValueError as e:
-      raise teacher_source.TeacherSourceError(f'teacher.source={self.source!r}: {e}') from e
+    starts = [('stage2.start_steps', int(self.config.stage2.start_steps))]
+    if 'translate' in self.config.stages:  # the encoder halvings start from stage 1 there
+      starts.append(('translate.encoder_start_steps',
+                     int(self.config.translate.encoder_start_steps)))
+    for key, steps in starts:
+      try:
+        noise_paths.check_nested(f.net.path, steps, key=key)
+      except ValueError as e:
+        raise teacher_source.TeacherSourceError(f'teacher.source={self.source!r}: {e}') from e
 
   def net(self, *, use_w: bool, dropout=None):
     """gdistill's network of this run (``config.model``: a U-Net or a DiT): the teacher's

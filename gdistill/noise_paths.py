@@ -264,7 +264,7 @@ def from_dict(d: Optional[dict]):
   return KINDS[kind](**d)
 
 
-def check_nested(path, start_steps: int) -> None:
+def check_nested(path, start_steps: int, *, key: str = 'stage2.start_steps') -> None:
   """A discrete path's grid of ``start_steps`` (and so every halving's, each a subset of
   it) must have distinct table entries: at most T steps. ValueError otherwise."""
   t_max = getattr(path, 'num_timesteps', None)
@@ -272,7 +272,7 @@ def check_nested(path, start_steps: int) -> None:
     return
   if start_steps > t_max:
     raise ValueError(
-        f'stage2.start_steps={start_steps}: the teacher\'s table has {t_max} timesteps, so a '
+        f'{key}={start_steps}: the teacher\'s table has {t_max} timesteps, so a '
         f'grid of {start_steps} steps would repeat table entries; expected at most {t_max} '
         f'(e.g. {2 ** int(math.log2(t_max))}), or noise_path.interpolate=True for '
         f'fractional timesteps')

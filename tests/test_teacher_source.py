@@ -95,3 +95,12 @@ def test_a_start_the_table_cannot_nest_is_refused_before_anything_is_written(
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'stage2.start_steps=2048: the teacher\'s table has 1000 timesteps' in proc.stderr
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+def test_an_encoder_start_the_table_cannot_nest_is_refused(tmp_path, fashion_data_dir):
+  workdir = str(tmp_path / 'run')
+  proc = _main(workdir, "--config.stages=('stage1','translate')",
+               '--config.translate.encoder_start_steps=1024', data_dir=fashion_data_dir)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'translate.encoder_start_steps=1024: the teacher\'s table has 1000' in proc.stderr
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
