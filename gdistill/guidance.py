@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 
 from gdistill.denoiser import Denoiser
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def _batch(cond) -> int:
-  return jax.tree.leaves(cond)[0].shape[0]
 
 
 def _times(net: Denoiser, t, batch: int):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import ml_collections
@@ -80,10 +80,6 @@ class Model:
   params: object
   meta: dict
   mode: str
-
-  @property
-  def apply_fn(self) -> Callable:
-    return self.net.apply_fn
 
 
 class ModelStore:

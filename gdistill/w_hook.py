@@ -168,8 +168,3 @@ def nnx_apply(model, *, hook_path: str = '', call: Callable = None):
       hook.w.set_value(w)
     return call(module, z, time, cond)
   return apply_fn, state
-
-
-def describe(target: str, features: int, w_embed_scale: float) -> dict:
-  return {'w_hook': target, 'features': features, 'w_embed_scale': w_embed_scale}
-

@@ -38,15 +38,12 @@ def test_a_factory_teacher_loads_and_its_student_starts_as_the_teacher():
 @pytest.mark.parametrize('source,message', [
     ('python:no_such_module:make', r'cannot import no_such_module'),
     ('python:foreign_factory:nope', r'foreign_factory has no function .nope.'),
-    ('foreign_factory:make', None),  # validated by config_validation (no python: prefix)
     ('python:foreign_factory:make_not_a_teacher', r'returned dict, expected .*ForeignTeacher'),
     ('python:foreign_factory:make_wrong_shape', r'returns shape \(2, 14, 28, 1\) for inputs \(2, 28, 28, 1\)'),
     ('python:foreign_factory:make_bad_null', r'rejects its null condition \[0, 0, 0\]'),
     ('python:foreign_factory:make_sd_like', r'alpha\(1\) = 0.068, far from pure noise'),
 ])
 def test_a_bad_source_is_one_line_naming_it(source, message):
-  if message is None:
-    return
   with pytest.raises(teacher_source.TeacherSourceError, match=message) as e:
     teacher_source.load(source, _config())
   assert str(e.value).startswith(f'teacher.source={source!r}: ') and '\n' not in str(e.value)
