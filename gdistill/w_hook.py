@@ -22,22 +22,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdistill.models.unet import sinusoidal_embedding
+from gdistill.models.unet import add_guidance_weight, sinusoidal_embedding
 
 W_PARAMS = 'gdistill_w_embedding'  # the hook's entry in the student's parameters
 
 
 class WEmbedding(nn.Module):
-  """Fourier(w_embed_scale w) -> Dense -> swish -> zero-initialised Dense(out_dim)."""
+  """The w branch of gdistill's own networks (``unet.add_guidance_weight``) on its own:
+  Fourier(w_embed_scale w) -> Dense -> swish -> zero-initialised Dense(out_dim)."""
   out_dim: int
   features: int = 64
   w_embed_scale: float = 250.0
 
   @nn.compact
   def __call__(self, w):
-    h = sinusoidal_embedding(self.w_embed_scale * w, self.features)
-    h = nn.swish(nn.Dense(self.out_dim, name='dense0')(h))
-    return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros, name='dense1')(h)
+    return add_guidance_weight(jnp.zeros((w.shape[0], self.out_dim), jnp.float32), w,
+                               use_w=True, net='w hook', features=self.features,
+                               scale=self.w_embed_scale, relative=False)
 
 
 def _target_path(target: str) -> tuple:
@@ -84,7 +85,7 @@ def hook_linen(apply_fn: Callable, target: str, *, features: int = 64,
   def student_apply(params, z, time, cond, *, w, train=False, rngs=None):
     params = dict(params)
     w_params = params.pop(W_PARAMS)
-    out_dim = w_params['dense1']['bias'].shape[-1]
+    out_dim = w_params['w_dense1']['bias'].shape[-1]
     emb = WEmbedding(out_dim, features, w_embed_scale).apply({'params': w_params}, w)
 
     def add_w(next_fun, args, kwargs, context):

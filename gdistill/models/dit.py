@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill.models.unet import Dropout, logsnr_to_time_input, sinusoidal_embedding
+from gdistill.models.unet import (Dropout, add_guidance_weight, logsnr_to_time_input,
+                                  sinusoidal_embedding)
 
 zeros_init = nn.initializers.zeros
 # DiT's initialisers: Xavier-uniform linear layers, N(0, 0.02) embeddings and time MLP.
@@ -157,20 +158,8 @@ class DiT(nn.Module):
     c = nn.Dense(D, kernel_init=small_normal, name='temb_dense1')(nn.swish(c))
     c = c + nn.Embed(self.num_classes + 1, D, embedding_init=small_normal,
                      name='class_embed')(label)
-    if self.use_w:
-      if w is None:
-        raise ValueError('this DiT has use_w=True: pass the guidance weight w')
-      dense0 = nn.Dense(D, name='w_dense0')
-      dense1 = nn.Dense(D, kernel_init=zeros_init, name='w_dense1')
-
-      def branch(wv):
-        return dense1(nn.swish(dense0(sinusoidal_embedding(self.w_embed_scale * wv, FREQ_DIM))))
-      wemb = branch(w)
-      if self.w_relative:  # the branch adds nothing at w = 0: there the student is its teacher
-        wemb = wemb - branch(jnp.zeros((1,), w.dtype))
-      c = c + wemb
-    elif w is not None:
-      raise ValueError('this DiT has use_w=False but a guidance weight w was passed')
+    c = add_guidance_weight(c, w, use_w=self.use_w, net='DiT', features=FREQ_DIM,
+                            scale=self.w_embed_scale, relative=self.w_relative)
     c = c.astype(self.dtype)
 
     h = nn.Conv(D, (p, p), strides=(p, p), padding='VALID', kernel_init=xavier,

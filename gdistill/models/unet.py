@@ -38,6 +38,31 @@ def logsnr_to_time_input(logsnr):
   return 1000.0 * jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20.0, 20.0))) / (0.5 * jnp.pi)
 
 
+def add_guidance_weight(emb, w, *, use_w: bool, net: str, features: int, scale: float,
+                        relative: bool):
+  """``emb`` [B, D] plus the w branch of a student: Fourier features of ``scale`` w, a Dense,
+  swish and a zero-initialised Dense (``w_dense0``, ``w_dense1`` of the calling module: call
+  it inside a compact method), so a student built from its teacher starts out equal to the
+  conditional teacher. ``relative``: the branch's output minus its output at w = 0, so it adds
+  nothing at w = 0. ``use_w=False``: ``emb`` unchanged, and w must be None."""
+  if not use_w:
+    if w is not None:
+      raise ValueError(f'this {net} has use_w=False but a guidance weight w was passed')
+    return emb
+  if w is None:
+    raise ValueError(f'this {net} has use_w=True: pass the guidance weight w')
+  dim = emb.shape[-1]
+  dense0 = nn.Dense(dim, name='w_dense0')
+  dense1 = nn.Dense(dim, kernel_init=zeros_init, name='w_dense1')
+
+  def branch(wv):
+    return dense1(nn.swish(dense0(sinusoidal_embedding(scale * wv, features))))
+  wemb = branch(w)
+  if relative:
+    wemb = wemb - branch(jnp.zeros((1,), w.dtype))
+  return emb + wemb
+
+
 def upsample_nearest_2x(x):
   """Nearest-neighbour 2x upsampling, [B, H, W, C] -> [B, 2H, 2W, C].
 
@@ -203,20 +228,8 @@ class UNet(nn.Module):
     emb = nn.Dense(temb_dim, name='temb_dense0')(emb)
     emb = nn.Dense(temb_dim, name='temb_dense1')(nn.swish(emb))
     emb = emb + nn.Embed(self.num_classes + 1, temb_dim, name='class_embed')(label)
-    if self.use_w:
-      if w is None:
-        raise ValueError('this U-Net has use_w=True: pass the guidance weight w')
-      dense0 = nn.Dense(temb_dim, name='w_dense0')
-      dense1 = nn.Dense(temb_dim, kernel_init=zeros_init, name='w_dense1')
-
-      def branch(wv):
-        return dense1(nn.swish(dense0(sinusoidal_embedding(self.w_embed_scale * wv, self.ch))))
-      wemb = branch(w)
-      if self.w_relative:  # the branch adds nothing at w = 0: there the student is its teacher
-        wemb = wemb - branch(jnp.zeros((1,), w.dtype))
-      emb = emb + wemb
-    elif w is not None:
-      raise ValueError('this U-Net has use_w=False but a guidance weight w was passed')
+    emb = add_guidance_weight(emb, w, use_w=self.use_w, net='U-Net', features=self.ch,
+                              scale=self.w_embed_scale, relative=self.w_relative)
     emb = emb.astype(self.dtype)
 
     # The lifted classes keep the module names (every block is named), so
