@@ -41,11 +41,6 @@ class OutputShapeError(ValueError):
   """A network's output does not have its input's shape."""
 
 
-def _bcast(v, like):
-  v = jnp.asarray(v)
-  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
-
-
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
   """A network and its conventions; hashable (held static in jitted closures)."""
@@ -67,16 +62,21 @@ class Denoiser:
       raise ValueError(f"output='edm' needs an EDM noise path (its sigma_data), got "
                        f'{self.path!r}')
 
-  def __hash__(self):  # the null condition may be an array: hash that by identity
+  def _key(self) -> tuple:
+    """What makes two denoisers the same; a null condition that is an array (unhashable)
+    counts by identity."""
     try:
-      null = hash(self.null_cond)
+      null = (hash(self.null_cond), self.null_cond)
     except TypeError:
       null = id(self.null_cond)
-    return hash((self.apply_fn, self.output, self.path, null, self.clip_x, self.layout,
-                 self.takes_w, self.label_to_cond))
+    return (self.apply_fn, self.output, self.path, null, self.clip_x, self.layout,
+            self.takes_w, self.label_to_cond)
+
+  def __hash__(self):
+    return hash(self._key())
 
   def __eq__(self, other):
-    return self is other or (isinstance(other, Denoiser) and hash(self) == hash(other))
+    return self is other or (isinstance(other, Denoiser) and self._key() == other._key())
 
   def condition(self, label):
     """The network's condition of gdistill's labels (pytree, leading axis B)."""
@@ -97,11 +97,11 @@ class Denoiser:
       x_hat [B, H, W, C] float32.
     """
     scale = self.path.native_scale(logsnr)
-    z = z_t if scale is None else _bcast(scale, z_t) * z_t
+    z = z_t if scale is None else diffusion.bcast(scale, z_t) * z_t
     z_in = z
     if self.output == 'edm':
       sigma, sd = noise_paths.EDMPath.sigma(logsnr), self.path.sigma_data
-      z_in = _bcast(jax.lax.rsqrt(jnp.square(sigma) + sd * sd), z) * z
+      z_in = diffusion.bcast(jax.lax.rsqrt(jnp.square(sigma) + sd * sd), z) * z
     if self.layout == 'NCHW':
       z_in = jnp.transpose(z_in, (0, 3, 1, 2))
     kwargs = {} if w is None else {'w': w}
@@ -120,9 +120,9 @@ class Denoiser:
     if self.output in ('v', 'x', 'eps'):
       return diffusion.x_from_output(z_t=z_vp, output=out, logsnr=logsnr, mean_type=self.output)
     if self.output in ('flow', 'flow_to_data'):
-      s = _bcast(noise_paths.FlowPath.noise_fraction(logsnr), z)
+      s = diffusion.bcast(noise_paths.FlowPath.noise_fraction(logsnr), z)
       return z - s * out if self.output == 'flow' else z + s * out
-    sigma, sd = _bcast(noise_paths.EDMPath.sigma(logsnr), z), self.path.sigma_data
+    sigma, sd = diffusion.bcast(noise_paths.EDMPath.sigma(logsnr), z), self.path.sigma_data
     denom = jnp.square(sigma) + sd * sd
     return sd * sd / denom * z + sigma * sd * jax.lax.rsqrt(denom) * out
 

@@ -34,7 +34,7 @@ def alpha_sigma(logsnr):
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
-def _bcast(v, like):
+def bcast(v, like):
   """Broadcasts a per-example [B] (or scalar) value against an image batch."""
   v = jnp.asarray(v)
   return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
@@ -43,37 +43,37 @@ def _bcast(v, like):
 def diffuse(*, x, eps, logsnr):
   """Forward process q(z_t | x): z_t = alpha_t x + sigma_t eps."""
   alpha, sigma = alpha_sigma(logsnr)
-  return _bcast(alpha, x) * x + _bcast(sigma, x) * eps
+  return bcast(alpha, x) * x + bcast(sigma, x) * eps
 
 
 def x_from_eps(*, z_t, eps, logsnr):
   """x_hat = (z_t - sigma eps_hat) / alpha."""
   alpha, sigma = alpha_sigma(logsnr)
-  return (z_t - _bcast(sigma, z_t) * eps) / _bcast(alpha, z_t)
+  return (z_t - bcast(sigma, z_t) * eps) / bcast(alpha, z_t)
 
 
 def eps_from_x(*, z_t, x, logsnr):
   """eps_hat = (z_t - alpha x_hat) / sigma."""
   alpha, sigma = alpha_sigma(logsnr)
-  return (z_t - _bcast(alpha, z_t) * x) / _bcast(sigma, z_t)
+  return (z_t - bcast(alpha, z_t) * x) / bcast(sigma, z_t)
 
 
 def v_from_x_eps(*, x, eps, logsnr):
   """v = alpha eps - sigma x."""
   alpha, sigma = alpha_sigma(logsnr)
-  return _bcast(alpha, x) * eps - _bcast(sigma, x) * x
+  return bcast(alpha, x) * eps - bcast(sigma, x) * x
 
 
 def x_from_v(*, z_t, v, logsnr):
   """x_hat = alpha z_t - sigma v_hat."""
   alpha, sigma = alpha_sigma(logsnr)
-  return _bcast(alpha, z_t) * z_t - _bcast(sigma, z_t) * v
+  return bcast(alpha, z_t) * z_t - bcast(sigma, z_t) * v
 
 
 def eps_from_v(*, z_t, v, logsnr):
   """eps_hat = sigma z_t + alpha v_hat."""
   alpha, sigma = alpha_sigma(logsnr)
-  return _bcast(sigma, z_t) * z_t + _bcast(alpha, z_t) * v
+  return bcast(sigma, z_t) * z_t + bcast(alpha, z_t) * v
 
 
 MEAN_TYPES = ('v', 'x', 'eps')
@@ -99,8 +99,8 @@ def ddim_step(*, z_t, x_hat, logsnr_t, logsnr_s):
   """
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
-  eps_hat = (z_t - _bcast(alpha_t, z_t) * x_hat) / _bcast(sigma_t, z_t)
-  return _bcast(alpha_s, z_t) * x_hat + _bcast(sigma_s, z_t) * eps_hat
+  eps_hat = (z_t - bcast(alpha_t, z_t) * x_hat) / bcast(sigma_t, z_t)
+  return bcast(alpha_s, z_t) * x_hat + bcast(sigma_s, z_t) * eps_hat
 
 
 def forward_resample(*, z_k, logsnr_k, logsnr_s, noise):
@@ -112,8 +112,8 @@ def forward_resample(*, z_k, logsnr_k, logsnr_s, noise):
   alpha_k, _ = alpha_sigma(logsnr_k)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   var = -jnp.expm1(logsnr_s - logsnr_k) * sigma_s**2
-  return (_bcast(alpha_s / alpha_k, z_k) * z_k
-          + _bcast(jnp.sqrt(jnp.maximum(var, 0.0)), z_k) * noise)
+  return (bcast(alpha_s / alpha_k, z_k) * z_k
+          + bcast(jnp.sqrt(jnp.maximum(var, 0.0)), z_k) * noise)
 
 
 def distillation_target(*, z_t, z_target, logsnr_t, logsnr_target):
@@ -124,13 +124,13 @@ def distillation_target(*, z_t, z_target, logsnr_t, logsnr_target):
   """
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_u, sigma_u = alpha_sigma(logsnr_target)
-  ratio = _bcast(sigma_u / sigma_t, z_t)
-  return (z_target - ratio * z_t) / (_bcast(alpha_u, z_t) - ratio * _bcast(alpha_t, z_t))
+  ratio = bcast(sigma_u / sigma_t, z_t)
+  return (z_target - ratio * z_t) / (bcast(alpha_u, z_t) - ratio * bcast(alpha_t, z_t))
 
 
 def guided(*, cond, uncond, w):
   """Classifier-free guidance: (1 + w) cond - w uncond (any of x / eps / v)."""
-  w = _bcast(w, cond)
+  w = bcast(w, cond)
   return (1.0 + w) * cond - w * uncond
 
 
