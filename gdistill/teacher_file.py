@@ -1,7 +1,8 @@
 """One phase's sampling parameters as a single file, e.g. a converged teacher to ship.
 
-  weights/fashion_mnist_teacher.msgpack   the float32 parameter tree
-                                          (``flax.serialization.msgpack_serialize``)
+  weights/fashion_mnist_teacher.msgpack   the parameter tree, float32 (or float16 to halve
+                                          the file: ``export --dtype=float16``; read back
+                                          as float32) (``flax.serialization.msgpack_serialize``)
   weights/fashion_mnist_teacher.json      its sidecar: what the network is, where the
                                           weights came from, their sha256 and byte size
 
@@ -24,7 +25,8 @@ reads only the latest.
 Command line:
 
   python -m gdistill.teacher_file export --workdir=DIR --phase=teacher \\
-      --output=weights/fashion_mnist_teacher.msgpack [--step=N] [--fid=3.1] [--info k=v ...]
+      --output=weights/fashion_mnist_teacher.msgpack [--step=N] [--dtype=float16] [--fid=3.1] \\
+      [--info k=v ...]
 """
 
 from __future__ import annotations
@@ -76,12 +78,15 @@ def sidecar_path(path: str) -> str:
 # ---- writing ------------------------------------------------------------------------
 
 
-def _host_float32(x) -> np.ndarray:
+STORAGE_DTYPES = ('float32', 'float16')
+
+
+def _host_float(x, dtype: str) -> np.ndarray:
   if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   a = np.asarray(jax.device_get(x))
-  return a.astype(np.float32) if jax.dtypes.issubdtype(a.dtype, np.floating) else a
+  return a.astype(dtype) if jax.dtypes.issubdtype(a.dtype, np.floating) else a
 
 
 def _json_default(x):
@@ -110,8 +115,8 @@ def _write_atomic(path: str, data: bytes) -> None:
       os.remove(tmp)
 
 
-def save_params(path: str, params, info: dict) -> dict:
-  """Writes ``params`` (float32, as numpy) to ``path`` and ``info`` to its JSON sidecar.
+def save_params(path: str, params, info: dict, *, dtype: str = 'float32') -> dict:
+  """Writes ``params`` (as numpy ``dtype``) to ``path`` and ``info`` to its JSON sidecar.
 
   Args:
     path: the weights file, conventionally ``*.msgpack``; the sidecar is
@@ -119,6 +124,8 @@ def save_params(path: str, params, info: dict) -> dict:
     params: the parameter tree (nested dicts of arrays; sharded jax arrays are gathered).
     info: JSON-serialisable description (``network_info(...)`` plus anything else);
       the keys ``format`` and ``weights`` are set here.
+    dtype: how floating-point leaves are stored: 'float32' or 'float16' (half the bytes;
+      ``load_params`` casts back to the network's dtype).
   Returns:
     The sidecar as written.
   """
@@ -129,13 +136,15 @@ def save_params(path: str, params, info: dict) -> dict:
   clash = [k for k in _RESERVED if k in info]
   if clash:
     raise ValueError(f'info: keys {clash} are set by save_params')
-  tree = jax.tree.map(_host_float32, params)
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f'dtype={dtype!r}: expected one of {STORAGE_DTYPES}')
+  tree = jax.tree.map(functools.partial(_host_float, dtype=dtype), params)
   data = serialization.msgpack_serialize(tree)
   leaves = jax.tree.leaves(tree)
   full = dict(info, format=FORMAT, weights={
       'file': os.path.basename(path), 'bytes': len(data),
       'sha256': hashlib.sha256(data).hexdigest(),
-      'num_params': int(sum(a.size for a in leaves)), 'dtype': 'float32'})
+      'num_params': int(sum(a.size for a in leaves)), 'dtype': dtype})
   text = json.dumps(full, indent=2, sort_keys=True, default=_json_default) + '\n'
   storage.makedirs(os.path.dirname(storage.absolute(path)))
   _write_atomic(path, data)
@@ -375,7 +384,7 @@ def abstract_params_for(config, *, use_w: bool, num_classes: int, image_shape,
 
 
 def export_phase(checkpoint_dir: str, path: str, *, config, extra_info: Optional[dict] = None,
-                 step: Optional[int] = None) -> dict:
+                 step: Optional[int] = None, dtype: str = 'float32') -> dict:
   """Writes the sampling parameters of a phase's checkpoint (latest, or ``step``) to ``path``.
 
   The network is built from ``config`` (its model section must match the checkpoint's);
@@ -417,7 +426,7 @@ def export_phase(checkpoint_dir: str, path: str, *, config, extra_info: Optional
               student_steps=meta.get('student_steps'), source=checkpoint_dir,
               config=config.to_dict())
   info.update(extra_info or {})
-  return save_params(path, params, info)
+  return save_params(path, params, info, dtype=dtype)
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -439,6 +448,8 @@ def main(argv=None) -> int:
   e.add_argument('--phase', default='teacher', help='phase directory name (default teacher)')
   e.add_argument('--output', required=True, help='weights file, e.g. weights/x.msgpack')
   e.add_argument('--step', type=int, default=None, help='a saved step (default: the latest)')
+  e.add_argument('--dtype', choices=STORAGE_DTYPES, default='float32',
+                 help='storage of the weights (float16: half the bytes, read back as float32)')
   e.add_argument('--fid', type=_parse_value, default=None,
                  help='FID to record (a number, or JSON such as {"w0": 3.1, "w1": 2.0})')
   e.add_argument('--info', action='append', default=[], metavar='KEY=VALUE',
@@ -464,7 +475,7 @@ def main(argv=None) -> int:
   config = workdir_config.get_config(storage.absolute(args.workdir))
   with cli_setup.user_errors():
     info = export_phase(checkpoint.phase_dir(args.workdir, args.phase), args.output,
-                        config=config, extra_info=extra, step=args.step)
+                        config=config, extra_info=extra, step=args.step, dtype=args.dtype)
   w = info['weights']
   print(f'wrote {args.output} ({w["num_params"] / 1e6:.2f}M parameters, {w["bytes"]:,} bytes, '
         f'{info["phase"]} step {info["step"]}, {info["weights_kind"]} weights) and '

@@ -82,6 +82,22 @@ def test_round_trip_keeps_every_array_and_the_info(setup, tmp_path):
   assert networks.param_count(raw) == networks.param_count(params)
 
 
+def test_float16_storage_halves_the_file_and_reads_back_as_float32(setup, tmp_path):
+  config, abstract, params = setup
+  full = _save(tmp_path / 'a.msgpack', config, params)
+  info = teacher_file.network_info(config, use_w=False, num_classes=K, image_shape=SHAPE)
+  half = teacher_file.save_params(str(tmp_path / 'b.msgpack'), params, info, dtype='float16')
+  assert half['weights']['dtype'] == 'float16'
+  assert half['weights']['bytes'] < 0.55 * full['weights']['bytes']
+  loaded, _ = teacher_file.load_params(str(tmp_path / 'b.msgpack'), expect=_expect(config),
+                                       abstract_params=abstract)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(np.float16))
+  with pytest.raises(ValueError, match="dtype='int8'"):
+    teacher_file.save_params(str(tmp_path / 'c.msgpack'), params, info, dtype='int8')
+
+
 def test_loaded_arrays_take_the_abstract_shardings(setup, tmp_path, devices8):
   config, abstract, params = setup
   mesh = jax.sharding.Mesh(np.array(devices8[:2]), ('data',))
