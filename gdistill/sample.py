@@ -119,6 +119,12 @@ def sample(config):
   steps, sampler = _STEPS.value, _SAMPLER.value
   if config is not None:
     model = work.load(model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps))
+  else:
+    trained = model.meta.get('student_steps') if model.mode == 'student' else None
+    serves = trained if sampler == 'ddim' else (2 * trained if trained else None)
+    if serves is not None and steps != serves:
+      cli.fail(f'--steps={steps}: {_MODEL.value} is the {trained}-step student, which serves '
+               f'--sampler={sampler} at --steps={serves}')
   phase = model.phase
   fn = work.sampler(model.mode, sampler)
   labels = np.repeat(np.asarray(classes, np.int32), _NUM.value)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import re
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +91,18 @@ class Route:
   decoder: str
   steps: int
   clean_start: bool  # the encoder is a DDIM encoder (not a distilled one)
+  encode_steps: Optional[int] = None  # the encoder's steps where they differ from ``steps``
+
+  @property
+  def encoder_steps(self) -> int:
+    return self.steps if self.encode_steps is None else self.encode_steps
 
   @property
   def nfe(self) -> int:
     """Network evaluations per translated image (a guided teacher step costs 2)."""
     per_step = lambda phase: 2 if phase == 'teacher' else 1
-    enc = per_step(self.encoder) * (self.steps - 1 if self.clean_start else self.steps)
+    n = self.encoder_steps
+    enc = per_step(self.encoder) * (n - 1 if self.clean_start else n)
     return enc + per_step(self.decoder) * self.steps
 
 
@@ -124,11 +131,14 @@ def distilled_route(work: ModelStore, steps: int, *, flag: str = 'translate.dist
 
 
 class Translator:
-  """Loads the models of a workdir once and translates batches along routes."""
+  """Loads the models of a workdir once and translates batches along routes.
 
-  def __init__(self, work: ModelStore, *, encode_w: float, w: float, batch_size: int = 64):
+  ``models``: models already loaded, by the names routes use (one-file models)."""
+
+  def __init__(self, work: ModelStore, *, encode_w: float, w: float, batch_size: int = 64,
+               models: Optional[dict] = None):
     self.work, self.encode_w, self.w, self.batch_size = work, encode_w, w, batch_size
-    self._models, self._fns = {}, {}
+    self._models, self._fns = dict(models or {}), {}
 
   def model(self, phase: str):
     if phase not in self._models:
@@ -150,7 +160,7 @@ class Translator:
 
     def run(_, xs, src, tgt):
       return fn(enc.params, dec.params, xs, src, tgt, jnp.float32(self.encode_w),
-                jnp.float32(self.w), jnp.int32(route.steps), jnp.int32(route.steps),
+                jnp.float32(self.w), jnp.int32(route.encoder_steps), jnp.int32(route.steps),
                 jnp.bool_(route.clean_start))
     return compiled_samplers.run_batched(run, (np.asarray(x, np.float32), *labels),
                                          batch_size=self.batch_size, mesh=self.work.mesh)
