@@ -43,10 +43,16 @@ def get_config():
       ch_mult=(1, 1, 1),                # cifar_retrain_unet3.py (ch_mult)
       num_res_blocks=3,                 # cifar_retrain_unet3.py (num_res_blocks)
       attn_resolutions=(16, 8),         # cifar_retrain_unet3.py (attn_resolutions)
-      dropout=0.2)                      # cifar_retrain_unet3.py (the teacher's dropout)
+      dropout=0.2,                      # cifar_retrain_unet3.py (the teacher's dropout)
+      resblock_resample=True,           # cifar_retrain_unet3.py (resblock_resample)
+      w_embedding='authors',            # cifar_condw_stage1_distill.py (w_input_type='inv_cos')
+      w_warmup_steps=10_000)            # cifar_condw_stage1_distill.py (w_warmup_steps)
   # Students' w ~ U[0, 4]: cifar_condw_stage1_distill.py / cifar_condw_stage2_distill.py
   # (train_w_schedule, uniform, 0 to 4).
   c.guidance.update(w_min=0.0, w_max=4.0)
+  # The guided teacher sampled as the authors' (cifar_retrain_unet3.py: eval_clip_denoised=True; dpm.py
+  # clips each network's x-hat, conditional and unconditional, before combining them).
+  c.guidance.teacher_clip = 'branches'
   c.log_every = 100
   c.teacher.update(
       # 480k: the authors' teacher is checkpoint_480000 of its run

@@ -52,10 +52,17 @@ def get_config():
       num_res_blocks=3,                 # i64_retrain_unet3.py (num_res_blocks)
       attn_resolutions=(32, 16, 8),     # i64_retrain_unet3.py (attn_resolutions)
       dropout=0.1,                      # i64_retrain_unet3.py (the teacher's dropout)
+      attn_head_dim=64,                 # i64_retrain_unet3.py (head_dim=64, num_heads=None)
+      resblock_resample=True,           # i64_retrain_unet3.py (resblock_resample)
+      w_embedding='authors',            # i64_condw_stage1_distill.py (w_input_type='inv_cos')
+      w_warmup_steps=10_000,            # i64_condw_stage1_distill.py (w_warmup_steps)
       remat=True)
   # Students' w ~ U[0, 4]: i64_condw_stage1_distill.py / i64_condw_stage2_distill.py
   # (train_w_schedule, uniform, 0 to 4).
   c.guidance.update(w_min=0.0, w_max=4.0)
+  # The guided teacher sampled as the authors' (i64_retrain_unet3.py: eval_clip_denoised=True; dpm.py
+  # clips each network's x-hat, conditional and unconditional, before combining them).
+  c.guidance.teacher_clip = 'branches'
   c.log_every = 100
   c.teacher.update(
       # 220k: the authors' teacher is checkpoint_220000 of its run

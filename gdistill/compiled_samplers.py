@@ -25,7 +25,8 @@ def make_sample_fn(net, *, mode: str, sampler: str):
 
   Args:
     net: the ``gdistill.denoiser.Denoiser`` (its noise path gives the sampler's times, its
-      ``clip_x`` whether x_hat is clipped); ``label`` is its condition (any pytree).
+      ``clip_x`` whether x_hat is clipped, ``guided_clip`` where the guided teacher's is);
+      ``label`` is its condition (any pytree).
     mode: ``guided`` (teacher, 2 network evaluations per step), ``student``
       (w-conditioned network, 1 per step) or ``conditional`` (teacher without
       guidance, w ignored, 1 per step).
@@ -42,7 +43,7 @@ def make_sample_fn(net, *, mode: str, sampler: str):
       denoise = guidance.conditional_denoise_fn(net, params=params, cond=label,
                                                 w=w if mode == 'student' else None)
     return samplers.sample(sampler, denoise, z_1, num_steps=num_steps, rng=rng,
-                           clip=net.clip_x, path=net.path)
+                           clip=net.sampler_clips(mode), path=net.path)
   return fn
 
 

@@ -22,20 +22,21 @@ def _optim(**kw) -> ml_collections.ConfigDict:
 
 def dit_model(*, size: str, patch_size: int, hidden_size: int, depth: int, num_heads: int,
               mlp_ratio: float = 4.0, dropout: float = 0.0, w_relative: bool = False,
+              w_embedding: str = 'fourier', w_warmup_steps: int = 0,
               remat: bool = False) -> ml_collections.ConfigDict:
   """The model section of a DiT (gdistill/models/dit.py), to replace base_config's
   U-Net section: ``c.model = dit_model(size='b2', patch_size=2, ...)``.
 
   Every structural key is written out (as the U-Net's section writes out its size's
   values), so the config, the workdir's config.json and the checkpoint meta say what
-  the network is. ``w_relative`` as the U-Net's (the w branch's output minus its
-  output at w = 0); ``remat`` recomputes each transformer block in the backward pass
-  and is not part of the network.
+  the network is. ``w_relative``, ``w_embedding`` and ``w_warmup_steps`` as the U-Net's
+  (base_config); ``remat`` recomputes each transformer block in the backward pass and
+  is not part of the network.
   """
   return ml_collections.ConfigDict(dict(
       arch='dit', size=size, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
       num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, w_relative=w_relative,
-      remat=remat))
+      w_embedding=w_embedding, w_warmup_steps=w_warmup_steps, remat=remat))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,14 +75,28 @@ def base_config() -> ml_collections.ConfigDict:
       # True: the w branch's output minus its output at w = 0 (models/unet.py), so a stage-1
       # student starts as, and at w = 0 stays closer to, its teacher.
       w_relative=False,
+      # The students' w branch (models/unet.py): 'fourier' (gdistill's: Fourier features of
+      # 250 w, last layer zero-initialised) or 'authors' (the paper code's inv_cos w input,
+      # last layer not zero: pair it with w_warmup_steps).
+      w_embedding='fourier',
+      # Stage 1 multiplies the w branch's output by min(1, step / w_warmup_steps) (the
+      # authors' 10000); 0: no warm-up. Read by the loss, not part of the network.
+      w_warmup_steps=0,
+      # The authors' U-Net options (w_unet3.py): multi-head attention with this many
+      # channels per head (their head_dim=64; 0: single-head), and down/upsampling by
+      # residual blocks (their resblock_resample=True; False: strided conv / upsample + conv).
+      attn_head_dim=0,
+      resblock_resample=False,
       # Recompute each U-Net block in the backward pass (activation checkpointing):
       # only block inputs are kept for it, for about 1/3 more step compute
       # (benchmarks/memory.py measures the bytes). Not part of the network:
       # checkpoints load with either value.
       remat=False))
 
-  # Guidance weights w: students are trained on w ~ U[w_min, w_max].
-  c.guidance = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0))
+  # Guidance weights w: students are trained on w ~ U[w_min, w_max]. teacher_clip: where a
+  # clipping sampler clips the guided teacher: 'guided' (x_hat^w) or 'branches' (the
+  # conditional and unconditional x_hat each, x_hat^w not: the authors' way); sampling only.
+  c.guidance = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0, teacher_clip='guided'))
 
   c.teacher = _optim(num_steps=10000, learning_rate=2e-4, warmup_steps=200, ema_decay=0.999)
   c.teacher.p_uncond = 0.1

@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 
 from gdistill import diffusion, run_plan, sharding
 from gdistill.eval import plan
-from gdistill.models import registry
+from gdistill.models import registry, unet
 from gdistill.samplers import SAMPLERS
+from gdistill.denoiser import GUIDED_CLIPS
 
 KNOWN_STAGES = ('teacher', 'stage1', 'stage2', 'eval', 'translate')
 PRECISIONS = ('float32', 'bfloat16')
@@ -78,6 +79,9 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('guidance.w_min', w_min, 'w_min >= 0 (w = 0 is the conditional model)')
   if w_max < w_min:
     _err('guidance.w_max', w_max, f'w_max >= guidance.w_min={w_min}')
+  clip = config.guidance.get('teacher_clip', 'guided')
+  if clip not in GUIDED_CLIPS:
+    _err('guidance.teacher_clip', clip, f'one of {GUIDED_CLIPS}')
 
   for phase in ('teacher', 'stage1', 'stage2'):
     _validate_optimisation(phase, config[phase], num_devices=num_devices,
@@ -87,6 +91,11 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   source = config.teacher.get('source', '')
   if source and not source.startswith('python:'):
     _err('teacher.source', source, "'' or python:package.module:factory")
+  if source:  # its student's w input is the w hook's (gdistill/w_hook.py)
+    for key, default in (('w_embedding', 'fourier'), ('w_warmup_steps', 0)):
+      if config.model.get(key, default) != default:
+        _err(f'model.{key}', config.model[key], f'{default!r}: gdistill\'s networks\' option, '
+             f'and the teacher.source teacher\'s student has the w hook\'s embedding')
 
   start, smallest = config.stage2.start_steps, config.stage2.min_steps
   for key, v in (('stage2.start_steps', start), ('stage2.min_steps', smallest)):
@@ -120,23 +129,49 @@ def _validate_model(m: dict, image_shape) -> None:
            f"{', '.join(spec.keys)})")
   if m.get('size') not in spec.sizes:
     _err('model.size', m.get('size'), f'one of {sorted(spec.sizes)} (model.arch={arch!r})')
-  for key in ('remat', 'w_relative'):
+  for key in ('remat', 'w_relative', 'resblock_resample'):
     if not isinstance(m.get(key, False), bool):
       _err(f'model.{key}', m[key], 'True or False')
   dropout = m.get('dropout', 0.0)
   if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
       not 0.0 <= dropout < 1.0:
     _err('model.dropout', dropout, 'a rate in [0, 1)')
+  if m.get('w_embedding', 'fourier') not in unet.W_EMBEDDINGS:
+    _err('model.w_embedding', m['w_embedding'], f'one of {unet.W_EMBEDDINGS}')
+  warmup = m.get('w_warmup_steps', 0)
+  if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+    _err('model.w_warmup_steps', warmup, 'an integer >= 0 (stage-1 training steps over which '
+         'the w embedding ramps from 0 to 1; 0: no warm-up)')
   if arch == 'dit':
     _validate_dit(dict(spec.sizes[m['size']], **m), image_shape)
-  elif image_shape is not None:
+  else:
+    _validate_unet(dict(spec.sizes[m['size']], **m), image_shape)
+
+
+def _validate_unet(m, image_shape) -> None:
+  """A U-Net's section with its size's defaults filled in."""
+  head_dim = m.get('attn_head_dim', 0)
+  if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 0:
+    _err('model.attn_head_dim', head_dim, 'an integer >= 0 (channels per attention head; 0: '
+         'single-head attention)')
+  mult = tuple(m['ch_mult'])
+  # Where attention runs: the middle block always, at the lowest resolution; a level's
+  # blocks where its resolution is in attn_resolutions (known with the image size).
+  attention = [('the middle block', m['ch'] * mult[-1])]
+  if image_shape is not None:
     h, w = image_shape[0], image_shape[1]
-    levels = len(m['ch_mult'])
+    levels = len(mult)
     factor = 2 ** (levels - 1)
     if h % factor or w % factor:
-      _err('model.ch_mult', tuple(m['ch_mult']),
+      _err('model.ch_mult', mult,
            f'{levels - 1} halvings that divide the image size {h}x{w} '
            f'(it must be divisible by {factor}); use fewer levels or another dataset')
+    attention += [(f'resolution {h >> level}', m['ch'] * k) for level, k in enumerate(mult)
+                  if h >> level in tuple(m['attn_resolutions'])]
+  for where, channels in attention if head_dim else ():
+    if channels % head_dim:
+      _err('model.attn_head_dim', head_dim,
+           f'a divisor of the channels of every attention block ({channels} at {where})')
 
 
 def _validate_dit(m, image_shape) -> None:

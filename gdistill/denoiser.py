@@ -35,6 +35,7 @@ from gdistill import diffusion, noise_paths
 
 OUTPUTS = ('v', 'x', 'eps', 'flow', 'flow_to_data', 'edm')
 LAYOUTS = ('NHWC', 'NCHW')
+GUIDED_CLIPS = ('guided', 'branches')
 
 
 class OutputShapeError(ValueError):
@@ -52,10 +53,15 @@ class Denoiser:
   layout: str = 'NHWC'
   takes_w: bool = False
   label_to_cond: Optional[Callable] = None
+  # Where a clipping sampler clips the guided teacher: 'guided' (x_hat^w) or 'branches'
+  # (the conditional and unconditional x_hat each, x_hat^w not: the authors' way).
+  guided_clip: str = 'guided'
 
   def __post_init__(self):
     if self.output not in OUTPUTS:
       raise ValueError(f'output={self.output!r}: expected one of {OUTPUTS}')
+    if self.guided_clip not in GUIDED_CLIPS:
+      raise ValueError(f'guided_clip={self.guided_clip!r}: expected one of {GUIDED_CLIPS}')
     if self.layout not in LAYOUTS:
       raise ValueError(f'layout={self.layout!r}: expected one of {LAYOUTS}')
     if self.output == 'edm' and not isinstance(self.path, noise_paths.EDMPath):
@@ -70,7 +76,7 @@ class Denoiser:
     except TypeError:
       null = id(self.null_cond)
     return (self.apply_fn, self.output, self.path, null, self.clip_x, self.layout,
-            self.takes_w, self.label_to_cond)
+            self.takes_w, self.label_to_cond, self.guided_clip)
 
   def __hash__(self):
     return hash(self._key())
@@ -83,7 +89,7 @@ class Denoiser:
     return label if self.label_to_cond is None else self.label_to_cond(label)
 
   def x_hat(self, params, z_t, *, t, logsnr, cond, w=None, train: bool = False,
-            rngs: Optional[dict] = None, raw_cond: bool = False):
+            rngs: Optional[dict] = None, raw_cond: bool = False, w_scale=None):
     """x_hat(z_t, t, cond[, w]) on the VP core.
 
     Args:
@@ -93,6 +99,8 @@ class Denoiser:
       cond: gdistill's labels [B] (or any pytree with leading axis B), mapped by
         ``label_to_cond``; with ``raw_cond`` already the network's condition.
       w: [B] guidance weight, for a network that ``takes_w``.
+      w_scale: a factor on the network's w branch (the authors' warm-up; gdistill's
+        networks), None for none.
     Returns:
       x_hat [B, H, W, C] float32.
     """
@@ -105,6 +113,8 @@ class Denoiser:
     if self.layout == 'NCHW':
       z_in = jnp.transpose(z_in, (0, 3, 1, 2))
     kwargs = {} if w is None else {'w': w}
+    if w_scale is not None:
+      kwargs['w_scale'] = w_scale
     cond = cond if raw_cond else self.condition(cond)
     out = self.apply_fn(params, z_in, self.path.time_input(t, logsnr), cond, train=train,
                         rngs=rngs, **kwargs)
@@ -131,19 +141,33 @@ class Denoiser:
     return jax.tree.map(
         lambda c, n: jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape), cond, self.null_cond)
 
-  def guided_x_hat(self, params, z_t, *, t, logsnr, cond, w):
-    """x_hat^w = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null), both branches in one call."""
+  def guided_x_hat(self, params, z_t, *, t, logsnr, cond, w, clip_branches: bool = False):
+    """x_hat^w = (1 + w) x_hat(z_t, c) - w x_hat(z_t, null), both branches in one call;
+    ``clip_branches``: each branch clipped to [-1, 1] first (``sampler_clips``)."""
     cond = self.condition(cond)
     both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, self.null_like(cond))
     x_both = self.x_hat(params, jnp.concatenate([z_t, z_t]), t=jnp.concatenate([t, t]),
                         logsnr=jnp.concatenate([logsnr, logsnr]), cond=both, raw_cond=True)
+    if clip_branches:
+      x_both = jnp.clip(x_both, -1.0, 1.0)
     x_cond, x_uncond = jnp.split(x_both, 2)
     return diffusion.guided(cond=x_cond, uncond=x_uncond, w=w)
 
+  def clips_branches(self, mode: str) -> bool:
+    """Whether a sampler of ``mode`` clips the guided teacher's branches (not x_hat^w)."""
+    return self.clip_x and mode == 'guided' and self.guided_clip == 'branches'
+
+  def sampler_clips(self, mode: str) -> bool:
+    """Whether a sampler of ``mode`` (guided, student, conditional) clips its x_hat."""
+    return self.clip_x and not self.clips_branches(mode)
+
   def describe(self) -> dict:
     """Its conventions as JSON (checkpoint meta, the teacher file's sidecar)."""
-    return {'output': self.output, 'path': self.path.describe(), 'clip_x': self.clip_x,
-            'layout': self.layout}
+    d = {'output': self.output, 'path': self.path.describe(), 'clip_x': self.clip_x,
+         'layout': self.layout}
+    if self.guided_clip != 'guided':  # only where set: earlier metas stay equal
+      d['guided_clip'] = self.guided_clip
+    return d
 
 
 @dataclasses.dataclass(frozen=True)

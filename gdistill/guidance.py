@@ -31,7 +31,7 @@ def guided_teacher_denoise_fn(net: Denoiser, *, params, cond, w) -> DenoiseFn:
     b = z_t.shape[0]
     t, logsnr = _times(net, t, b)
     return net.guided_x_hat(params, z_t, t=t, logsnr=logsnr, cond=cond,
-                            w=jnp.broadcast_to(w, (b,)))
+                            w=jnp.broadcast_to(w, (b,)), clip_branches=net.clips_branches('guided'))
   return denoise_fn
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from gdistill import diffusion, noise_paths
 from gdistill.denoiser import Denoiser
+from gdistill.models.unet import w_warmup_scale
 
 
 def _uniform_w(rng, batch, w_min, w_max, w_min_frac=0.0):
@@ -71,11 +72,12 @@ def stage1_target(*, teacher: Denoiser, teacher_params, z_t, t, logsnr, cond, w)
 
 
 def _student_loss(student: Denoiser, params, *, x_target, z_t, t, logsnr, cond, w, dropout_rng,
-                  weighting, w_balance):
+                  weighting, w_balance, w_scale=None):
   """omega(lambda_t) ||x_hat_student(z_t, c, w) - x_target||^2 (/ (1 + w)^2 with
-  ``w_balance``), averaged over the batch: the skeleton of every distillation loss."""
+  ``w_balance``), averaged over the batch: the skeleton of every distillation loss.
+  ``w_scale``: the factor on the student's w branch (its warm-up), None for none."""
   x_hat = student.x_hat(params, z_t, t=t, logsnr=logsnr, cond=cond, w=w, train=True,
-                        rngs={'dropout': dropout_rng})
+                        rngs={'dropout': dropout_rng}, w_scale=w_scale)
   per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
                                          weighting=weighting)
   if w_balance:
@@ -84,11 +86,12 @@ def _student_loss(student: Denoiser, params, *, x_target, z_t, t, logsnr, cond, 
 
 
 def stage1_loss(params, frozen, batch, rng, *, student: Denoiser, teacher: Denoiser, w_min,
-                w_max, weighting, w_balance=False, w_min_frac=0.0):
+                w_max, weighting, w_balance=False, w_min_frac=0.0, w_warmup_steps=0, step=None):
   """Stage 1: a w-conditioned student matches the guided teacher for every w.
 
   t ~ the teacher path's training times, w ~ U[w_min, w_max] (a ``w_min_frac`` of
-  examples at w_min exactly);
+  examples at w_min exactly); with ``w_warmup_steps`` the student's w branch is scaled by
+  min(1, step / w_warmup_steps) (the authors' warm-up; ``step``: the update count);
   loss = E[omega(lambda_t) ||x_hat_eta1(z_t, c, w) - x_hat^w_theta(z_t, c)||^2].
   """
   x, cond = batch['image'], batch['label']
@@ -100,7 +103,7 @@ def stage1_loss(params, frozen, batch, rng, *, student: Denoiser, teacher: Denoi
                            logsnr=logsnr, cond=cond, w=w)
   return _student_loss(student, params, x_target=x_target, z_t=z_t, t=t, logsnr=logsnr,
                        cond=cond, w=w, dropout_rng=dropout_rng, weighting=weighting,
-                       w_balance=w_balance)
+                       w_balance=w_balance, w_scale=w_warmup_scale(step, w_warmup_steps))
 
 
 def stage2_time_grid(rng, batch, *, student_steps, grid):

@@ -297,10 +297,13 @@ class ModelStore:
     """The network with its conventions: what the losses, samplers and translation call
     (a ``teacher.source`` teacher's own; its student: the teacher with a w input)."""
     if self.source:
-      return self.foreign.student_net() if use_w else self.foreign.net
-    return denoiser.for_gdistill_net(self.net(use_w=use_w, dropout=dropout),
-                                     mean_type=self.config.diffusion.mean_type,
-                                     num_classes=self.num_classes)
+      net = self.foreign.student_net() if use_w else self.foreign.net
+    else:
+      net = denoiser.for_gdistill_net(self.net(use_w=use_w, dropout=dropout),
+                                      mean_type=self.config.diffusion.mean_type,
+                                      num_classes=self.num_classes)
+    clip = self.config.guidance.get('teacher_clip', 'guided')
+    return net if clip == net.guided_clip else dataclasses.replace(net, guided_clip=clip)
 
   def init_student(self, rng, teacher_params):
     """Stage 1's first student: every teacher weight, plus a w input that adds nothing

@@ -19,24 +19,37 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Model keys that change how a step computes, not the network: left out of the
 # checkpoint meta (like ``precision``), so a checkpoint loads with either value.
 COMPUTE_KEYS = ('remat',)
+# Model keys the training loss reads, not the network (the stage-1 w warm-up,
+# ``models.unet.w_warmup_scale``): left out of the network's arguments and the meta
+# (the workdir's config.json records them).
+TRAINING_KEYS = ('w_warmup_steps',)
+# Network keys added after checkpoints were written, with the value that builds the
+# network as before them: at that value left out of the arguments and the meta, so
+# earlier checkpoints, workdirs and weights files still match.
+ADDED_DEFAULTS = {'w_relative': False, 'w_embedding': 'fourier', 'attn_head_dim': 0,
+                  'resblock_resample': False}
+# Keys of the w branch: meaningless for a network without one (a teacher).
+W_KEYS = ('w_relative', 'w_embedding')
 
 
 def model_kwargs(config, *, use_w: bool = True) -> dict:
   """The model section as plain keyword arguments (also saved in checkpoint meta), less
-  ``COMPUTE_KEYS``; sequences as lists (as JSON reads them back).
+  ``COMPUTE_KEYS`` and ``TRAINING_KEYS``; sequences as lists (as JSON reads them back).
 
   ``arch`` only for architectures other than the U-Net: a U-Net's entry is what it was
   before there was a choice, so its checkpoints, workdirs and weights files still match.
-  ``w_relative`` only where it means something and differs from the default (False): a
-  teacher (no w branch) and every model saved before the key existed carry no such
-  entry.
+  ``ADDED_DEFAULTS`` keys only where they differ from that default, and the w branch's
+  (``W_KEYS``) only with one: a teacher and every model saved before a key existed
+  carry no such entry.
   """
   kw = {k: list(v) if isinstance(v, (tuple, list)) else v
-        for k, v in config.model.to_dict().items() if k not in COMPUTE_KEYS}
+        for k, v in config.model.to_dict().items()
+        if k not in COMPUTE_KEYS and k not in TRAINING_KEYS}
   if kw.get('arch') == registry.DEFAULT_ARCH:
     del kw['arch']
-  if not (use_w and kw.get('w_relative')):
-    kw.pop('w_relative', None)
+  for key, default in ADDED_DEFAULTS.items():
+    if key in kw and (kw[key] == default or (key in W_KEYS and not use_w)):
+      del kw[key]
   return kw
 
 
@@ -64,7 +77,8 @@ def student_from_teacher(student_params, teacher_params):
   """Copies every teacher weight into the student; the w branch keeps its init.
 
   The w branch's last layer is zero-initialised, so the result computes exactly
-  the conditional teacher.
+  the conditional teacher (with ``w_embedding='authors'`` it is not: the w warm-up,
+  scale 0 at the first step, makes it start so).
   """
   flat_s = traverse_util.flatten_dict(student_params)
   flat_t = traverse_util.flatten_dict(teacher_params)

@@ -69,7 +69,8 @@ class PhaseBuilder:
           losses.stage1_loss, teacher=self.store.denoiser(use_w=False),
           w_min=c.guidance.w_min, w_max=c.guidance.w_max,
           weighting=weighting(c, c.stage1), w_balance=c.stage1.get('w_balance', False),
-          w_min_frac=float(c.stage1.get('w_min_frac', 0.0)))
+          w_min_frac=float(c.stage1.get('w_min_frac', 0.0)),
+          w_warmup_steps=int(c.model.get('w_warmup_steps', 0)))
     elif spec.kind == run_plan.STAGE2:
       loss = functools.partial(losses.stage2_loss,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,
@@ -116,8 +117,9 @@ class PhaseBuilder:
     opt = optimizer(s, num_steps)
     key = (id(s), loss.func, num_steps)  # the learning-rate schedule spans the phase
     if key not in self._updates:
-      self._updates[key] = make_update_fn(functools.partial(loss, student=student), opt,
-                                          ema_decay=s.ema_decay, ema_warmup=s.ema_warmup)
+      self._updates[key] = make_update_fn(
+          functools.partial(loss, student=student), opt, ema_decay=s.ema_decay,
+          ema_warmup=s.ema_warmup, pass_step=loss.keywords.get('w_warmup_steps', 0) > 0)
     seed, store = self.config.seed, self.store
     from_teacher_net = spec.kind == run_plan.STAGE1
 

@@ -46,7 +46,7 @@ def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool) ->
 
 
 def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                   ema_decay: float, ema_warmup: bool = False) -> Callable:
+                   ema_decay: float, ema_warmup: bool = False, pass_step: bool = False) -> Callable:
   """Builds ``update_fn(state, frozen, batch, rng) -> (state, metrics)``.
 
   ``loss_fn(params, frozen, batch, rng) -> (loss, aux_metrics)``. With ``ema_warmup``
@@ -54,12 +54,14 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
   average forgets the initial parameters within the first hundreds of updates instead of
   keeping ema_decay^k of them (0.22 after 1500 updates at 0.999). The step's
   randomness is ``fold_in(rng, state.step)``, so a resumed run draws exactly
-  what an uninterrupted one would.
+  what an uninterrupted one would. ``pass_step``: the loss also gets ``step=state.step``
+  (the update count, restored on resume), e.g. for the w embedding's warm-up.
   """
   def update_fn(state: TrainState, frozen, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
+    kwargs = {'step': state.step} if pass_step else {}
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, frozen, batch, step_rng)
+        state.params, frozen, batch, step_rng, **kwargs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params

@@ -77,7 +77,8 @@ def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: 
     enc = denoise_fn_for(encode_mode, encode_net, params=enc_params, label=source, w=encode_w)
     dec = denoise_fn_for(decode_mode, decode_net, params=dec_params, label=target, w=w)
     return translate(enc, dec, x, encode_steps=encode_steps, decode_steps=decode_steps,
-                     clean_start=clean_start, path=decode_net.path, clip=decode_net.clip_x)
+                     clean_start=clean_start, path=decode_net.path,
+                     clip=decode_net.sampler_clips(decode_mode))
   return fn
 
 

@@ -22,13 +22,14 @@ MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'chec
                     'mesh', 'sharding', 'multihost', 'data.data_dir', 'data.download',
                     'data.num_workers',
                     'teacher_checkpoint', 'precision', 'cpu_xla_tuned', 'track',
-                    'model.remat')
+                    'model.remat', 'guidance.teacher_clip')
 # Keys added after workdirs were recorded, with the value that behaves as gdistill did
 # before them: a record without the key matches a config with that value.
 ADDED = {**{f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 'stage2')},
          'model.w_relative': False, 'stage1.w_balance': False, 'stage2.num_steps_for': [],
          'stage2.w_balance': False, 'stage1.w_min_frac': 0.0, 'teacher.source': '',
-         'teacher.allow_signal_at_t1': False,
+         'teacher.allow_signal_at_t1': False, 'model.w_embedding': 'fourier',
+         'model.w_warmup_steps': 0, 'model.attn_head_dim': 0, 'model.resblock_resample': False,
          **{f'{section}.weighting': '' for section in ('teacher', 'stage1', 'stage2')}}
 # A phase whose learning rate is constant after warm-up can be trained longer: its
 # num_steps may grow (the phase resumes from its last checkpoint).

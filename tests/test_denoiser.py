@@ -172,3 +172,37 @@ def test_the_gdistill_unet_is_one_implementation(tiny_nets):
   got = net.x_hat(params, z, t=jnp.zeros(4), logsnr=lam, cond=label)
   np.testing.assert_array_equal(got, diffusion.x_from_v(z_t=z, v=v, logsnr=lam))
   assert net == denoiser.for_gdistill_net(tiny_nets['base'], mean_type='v', num_classes=k)
+
+
+def test_guided_teacher_clipped_the_authors_way_clips_each_branch_not_the_guided_x_hat():
+  """guided_clip='branches': the conditional and unconditional x_hat clipped, x_hat^w not;
+  'guided' (the default): x_hat^w clipped. Both against the sampler written out by hand."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from gdistill import compiled_samplers, diffusion, samplers  # pylint: disable=g-import-not-at-top
+  base = denoiser.Denoiser(NETS['v_cosine'].apply_fn, output='v', null_cond=GM.k)
+  label = jnp.arange(B, dtype=jnp.int32) % GM.k
+  z_1 = jax.random.normal(jax.random.PRNGKey(4), (B, *GM.shape))
+  w = 4.0
+
+  def by_hand(clip_branches):
+    def denoise(z, t):
+      lam = jnp.broadcast_to(base.path.logsnr(t), (B,))
+      cond, uncond = GM.x_hat(z, lam, label), GM.x_hat(z, lam, jnp.full_like(label, GM.k))
+      if clip_branches:
+        cond, uncond = jnp.clip(cond, -1, 1), jnp.clip(uncond, -1, 1)
+      return diffusion.guided(cond=cond, uncond=uncond, w=jnp.full((B,), w))
+    return samplers.ddim_sample(denoise, z_1, num_steps=4, clip=not clip_branches)
+
+  got = {}
+  for clip in ('guided', 'branches'):
+    net = dataclasses.replace(base, guided_clip=clip)
+    fn = compiled_samplers.make_sample_fn(net, mode='guided', sampler='ddim')
+    got[clip] = np.asarray(fn(None, label, jnp.float32(w), z_1, jnp.int32(4),
+                              jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(got[clip], np.asarray(by_hand(clip == 'branches')), atol=1e-5)
+    assert net.sampler_clips('student') and net.sampler_clips('guided') == (clip == 'guided')
+  assert np.abs(got['guided'] - got['branches']).max() > 0.05  # at w = 4 the choice matters
+  assert 'guided_clip' not in base.describe()  # earlier checkpoint metas stay equal
+  assert dataclasses.replace(base, guided_clip='branches').describe()['guided_clip'] == 'branches'
+  with pytest.raises(ValueError, match="guided_clip='x'"):
+    dataclasses.replace(base, guided_clip='x')

@@ -420,3 +420,17 @@ def test_teacher_rows_export_takes_only_sampled_teacher_rows(tmp_path):
   assert {r['model'] for r in data['rows']} == {'teacher', 'teacher_ddim'}
   assert not any(r.get('source') for r in data['rows'])  # reused rows are not re-exported
   assert json.loads(out.read_text())['fingerprint'] == 'abc'
+
+
+def test_teacher_clip_is_in_the_protocol_and_changes_the_fingerprint_only_when_set():
+  base = {'dataset': 'd', 'reference_split': 'train', 'reference_examples': 10,
+          'num_samples': 10, 'batch_size': 5, 'seed': 0, 'precision_recall_k': 3}
+  before = report.fingerprint(base, 'f')  # a protocol of an earlier gdistill
+  assert report.fingerprint(dict(base, teacher_clip='guided'), 'f') == before
+  assert report.fingerprint(dict(base, teacher_clip='branches'), 'f') != before
+  c = _config()
+  c.guidance.teacher_clip = 'branches'
+  p = report.make_protocol(config=c, num_classes=10, image_shape=(8, 8, 1),
+                           feature_net={'description': 'x', 'path': 'y'}, reference_examples=10,
+                           checkpoints={}, missing=[], num_devices=1)
+  assert p['teacher_clip'] == 'branches' and "the authors' way" in p['teacher_sampling']

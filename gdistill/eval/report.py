@@ -31,6 +31,14 @@ NOT_COMPARABLE = ('FID and IS below are computed in the feature space of gdistil
                   'FID / IS in the literature.')
 
 
+TEACHER_SAMPLING = {
+    'guided': 'the guided x_hat^w clipped to [-1, 1] at every step (guidance.teacher_clip='
+              "'guided')",
+    'branches': 'the conditional and unconditional x_hat clipped to [-1, 1] separately, '
+                "x_hat^w not (the authors' way; guidance.teacher_clip='branches')",
+}
+
+
 def make_protocol(*, config, num_classes: int, image_shape, feature_net: dict,
                   reference_examples: int, checkpoints: dict, missing: list,
                   num_devices: int) -> dict:
@@ -62,6 +70,8 @@ def make_protocol(*, config, num_classes: int, image_shape, feature_net: dict,
                              f'(stage2.time_grid={config.stage2.time_grid!r}; \'both\' '
                              f'trains the N/2-step student for the N-step stochastic '
                              f'sampler too)'),
+      'teacher_clip': config.guidance.get('teacher_clip', 'guided'),
+      'teacher_sampling': TEACHER_SAMPLING[config.guidance.get('teacher_clip', 'guided')],
       'seconds_per_image': f'sampling wall-clock after compilation / images sampled '
                            f'(batches of {int(e.batch_size)} over {num_devices} '
                            f'{_platform()} device(s))',
@@ -78,7 +88,10 @@ def fingerprint(protocol_dict: dict, feature_fingerprint: str) -> str:
   p = protocol_dict
   keys = ('dataset', 'reference_split', 'reference_examples', 'num_samples', 'batch_size',
           'seed', 'precision_recall_k')
-  blob = json.dumps({'features': feature_fingerprint, **{k: p[k] for k in keys}},
+  extra = {}
+  if p.get('teacher_clip', 'guided') != 'guided':  # only where set: earlier rows stay reusable
+    extra['teacher_clip'] = p['teacher_clip']
+  blob = json.dumps({'features': feature_fingerprint, **{k: p[k] for k in keys}, **extra},
                     sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -210,6 +223,7 @@ def markdown(rep: dict) -> str:
            f'against {p["precision_recall_real"]}.',
            f'- Weights: {weights}.',
            f'- NFE: {p["nfe"]}. Stochastic sampler: {p["stochastic_sampler"]}.',
+           f'- Guided teacher rows: {p.get("teacher_sampling", TEACHER_SAMPLING["guided"])}.',
            f'- Seconds per image: {p["seconds_per_image"]}.']
   if p.get('missing_students'):
     lines.append(f'- Not evaluated (no finished checkpoint): {", ".join(p["missing_students"])}.')

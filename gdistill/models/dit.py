@@ -121,7 +121,9 @@ class DiT(nn.Module):
     num_heads: attention heads.
     mlp_ratio: MLP hidden width / D.
     dropout: dropout rate on the MLP's hidden activations ('dropout' rng stream).
-    use_w, w_embed_scale, w_relative: the guidance-weight branch, as in the U-Net.
+    use_w, w_embed_scale, w_relative, w_embedding: the guidance-weight branch, as in the
+      U-Net (``unet.add_guidance_weight``; ``w_embedding='authors'``: the authors' features,
+      on ``FREQ_DIM`` sinusoids as gdistill's).
     dtype: compute dtype (parameters stay float32).
     remat: recompute each block's activations in the backward pass (``nn.remat``);
       parameters, their names and the results are the same either way.
@@ -137,12 +139,15 @@ class DiT(nn.Module):
   use_w: bool = False
   w_embed_scale: float = 250.0
   w_relative: bool = False
+  w_embedding: str = 'fourier'
   dtype: Any = jnp.float32
   remat: bool = False
 
   @nn.compact
-  def __call__(self, z, logsnr, label, w: Optional[jax.Array] = None, *, train: bool = False):
-    """z: [B, H, W, C]; logsnr: [B]; label: [B] int; w: [B] or None -> [B, H, W, C]."""
+  def __call__(self, z, logsnr, label, w: Optional[jax.Array] = None, *, train: bool = False,
+               w_scale=None):
+    """z: [B, H, W, C]; logsnr: [B]; label: [B] int; w: [B] or None -> [B, H, W, C].
+    ``w_scale``: scalar or [B] factor on the w branch (the w warm-up); None: 1."""
     B, H, W, C = z.shape
     p, D = self.patch_size, self.hidden_size
     assert logsnr.shape == (B,) and label.shape == (B,), (logsnr.shape, label.shape)
@@ -159,7 +164,8 @@ class DiT(nn.Module):
     c = c + nn.Embed(self.num_classes + 1, D, embedding_init=small_normal,
                      name='class_embed')(label)
     c = add_guidance_weight(c, w, use_w=self.use_w, net='DiT', features=FREQ_DIM,
-                            scale=self.w_embed_scale, relative=self.w_relative)
+                            scale=self.w_embed_scale, relative=self.w_relative,
+                            embedding=self.w_embedding, w_scale=w_scale)
     c = c.astype(self.dtype)
 
     h = nn.Conv(D, (p, p), strides=(p, p), padding='VALID', kernel_init=xavier,

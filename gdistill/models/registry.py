@@ -33,14 +33,17 @@ class Arch:
   keys: tuple
 
 
-# Shared by both: size (a name from ``sizes``), dropout, w_relative, remat.
+# Shared by both: size (a name from ``sizes``), dropout, w_relative, w_embedding,
+# w_warmup_steps (read by the stage-1 loss, not the network: networks.TRAINING_KEYS),
+# remat. The U-Net's only: attn_head_dim, resblock_resample.
 ARCHS = {
     'unet': Arch(unet.build_unet, unet.SIZES,
                  ('size', 'ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'dropout',
-                  'w_relative', 'remat')),
+                  'w_relative', 'w_embedding', 'w_warmup_steps', 'attn_head_dim',
+                  'resblock_resample', 'remat')),
     'dit': Arch(dit.build_dit, dit.SIZES,
                 ('size', 'patch_size', 'hidden_size', 'depth', 'num_heads', 'mlp_ratio',
-                 'dropout', 'w_relative', 'remat')),
+                 'dropout', 'w_relative', 'w_embedding', 'w_warmup_steps', 'remat')),
 }
 
 

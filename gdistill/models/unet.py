@@ -10,6 +10,14 @@ The optional ``w`` branch (Fourier features of the guidance weight, then an MLP
 whose last layer is zero-initialised) is added to the conditioning embedding,
 so a stage-1 student built from a teacher starts out equal to the conditional
 teacher.
+
+Options of the authors' code (``ddpm_w_distillation/w_unet3.py``), off by default:
+``w_embedding='authors'`` (their w branch: sinusoidal features of the inverse-cosine
+transform of w, two Dense layers, the last one not zero-initialised, scaled during
+training by a warm-up factor the loss passes as ``w_scale``), ``attn_head_dim``
+(multi-head attention, heads = channels / head_dim) and ``resblock_resample``
+(down- and upsampling by residual blocks that average-pool or nearest-upsample
+inside, as BigGAN and improved DDPM, instead of a strided conv / upsample + conv).
 """
 
 from __future__ import annotations
@@ -38,28 +46,64 @@ def logsnr_to_time_input(logsnr):
   return 1000.0 * jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20.0, 20.0))) / (0.5 * jnp.pi)
 
 
+# The w branch's input features (``model.w_embedding``): ``fourier``, gdistill's (sinusoidal
+# features of ``w_embed_scale * w``, last Dense zero-initialised); ``authors``, the paper
+# code's ``w_input_type='inv_cos'`` (sinusoidal features of 1000 arctan(exp(-w/2)) / (pi/2),
+# the transform the time input gets, then two Dense layers with Flax's default
+# initialisation: the warm-up, not a zero layer, makes the student start as its teacher).
+W_EMBEDDINGS = ('fourier', 'authors')
+
+
+def w_warmup_scale(step, warmup_steps: int):
+  """The authors' w-embedding warm-up at training step ``step`` (the optimiser's update
+  count, 0 at the first): min(1, step / warmup_steps), a float32 scalar; None for
+  ``warmup_steps`` 0 (no warm-up: the network's ``w_scale=None``, scale 1)."""
+  if not warmup_steps:
+    return None
+  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))
+
+
 def add_guidance_weight(emb, w, *, use_w: bool, net: str, features: int, scale: float,
-                        relative: bool):
+                        relative: bool, embedding: str = 'fourier', w_scale=None):
   """``emb`` [B, D] plus the w branch of a student: Fourier features of ``scale`` w, a Dense,
   swish and a zero-initialised Dense (``w_dense0``, ``w_dense1`` of the calling module: call
   it inside a compact method), so a student built from its teacher starts out equal to the
   conditional teacher. ``relative``: the branch's output minus its output at w = 0, so it adds
-  nothing at w = 0. ``use_w=False``: ``emb`` unchanged, and w must be None."""
+  nothing at w = 0. ``use_w=False``: ``emb`` unchanged, and w (and ``w_scale``) must be None.
+
+  ``embedding='authors'``: the features are those of the time input's transform of w
+  (``logsnr_to_time_input``: 1000 arctan(exp(-w/2)) / (pi/2)) and ``w_dense1`` has Flax's
+  default initialisation (``scale`` unused); the same parameter names and shapes.
+  ``w_scale``: a scalar or [B] factor on the branch's output (the authors' warm-up,
+  ``w_warmup_scale``); None: 1, the branch's output added as it is."""
   if not use_w:
     if w is not None:
       raise ValueError(f'this {net} has use_w=False but a guidance weight w was passed')
+    if w_scale is not None:
+      raise ValueError(f'this {net} has use_w=False but a w-embedding scale w_scale was '
+                       f'passed')
     return emb
   if w is None:
     raise ValueError(f'this {net} has use_w=True: pass the guidance weight w')
+  if embedding not in W_EMBEDDINGS:
+    raise ValueError(f'model.w_embedding={embedding!r}: expected one of {W_EMBEDDINGS}')
   dim = emb.shape[-1]
   dense0 = nn.Dense(dim, name='w_dense0')
-  dense1 = nn.Dense(dim, kernel_init=zeros_init, name='w_dense1')
+  if embedding == 'fourier':
+    dense1 = nn.Dense(dim, kernel_init=zeros_init, name='w_dense1')
+    w_input = lambda wv: scale * wv
+  else:
+    dense1 = nn.Dense(dim, name='w_dense1')
+    w_input = logsnr_to_time_input
 
   def branch(wv):
-    return dense1(nn.swish(dense0(sinusoidal_embedding(scale * wv, features))))
+    return dense1(nn.swish(dense0(sinusoidal_embedding(w_input(wv), features))))
   wemb = branch(w)
   if relative:
     wemb = wemb - branch(jnp.zeros((1,), w.dtype))
+  if w_scale is not None:
+    w_scale = jnp.asarray(w_scale, wemb.dtype)
+    wemb = wemb * (w_scale[:, None] if w_scale.ndim == 1 else w_scale)
   return emb + wemb
 
 
@@ -73,6 +117,13 @@ def upsample_nearest_2x(x):
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
   return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def avg_pool_2x(x):
+  """2x2 average pooling with stride 2, [B, H, W, C] -> [B, H/2, W/2, C] (even H, W):
+  ``nn.avg_pool(x, (2, 2), (2, 2))`` as a reshape and a mean."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
 
 
 def _groups(channels: int) -> int:
@@ -144,16 +195,25 @@ class Dropout(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-  """GroupNorm-swish-conv x2 with FiLM (scale, shift) from the embedding."""
+  """GroupNorm-swish-conv x2 with FiLM (scale, shift) from the embedding.
+
+  ``resample`` ('down' or 'up'; None: neither): after the first norm and swish, the
+  branch and the shortcut are both 2x average-pooled or nearest-upsampled (the authors'
+  ``resblock_resample``, as in BigGAN and improved DDPM)."""
   out_ch: int
   dropout: float
   dtype: Any = jnp.float32
+  resample: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, emb, train: bool):
     """``train`` is positional so that ``nn.remat`` can hold it static (argnum 3)."""
     B, H, W, C = x.shape  # [B, H, W, C]
     h = nn.swish(GroupNorm(_groups(C), name='norm1')(x))
+    if self.resample is not None:
+      updown = {'down': avg_pool_2x, 'up': upsample_nearest_2x}[self.resample]
+      h, x = updown(h), updown(x)
+      H, W = x.shape[1], x.shape[2]
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv1')(h)
     scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype, name='temb_proj')(nn.swish(emb))
     scale, shift = jnp.split(scale_shift, 2, axis=-1)
@@ -167,8 +227,12 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head spatial self-attention with a zero-initialised projection."""
+  """Spatial self-attention with a zero-initialised projection: single-head, or with
+  ``head_dim`` > 0 multi-head with C / head_dim heads of head_dim channels (the
+  authors' ``head_dim=64``). The same parameters either way (``qkv``: C -> 3C, split
+  into heads; ``proj_out``: C -> C); with head_dim = C the same function."""
   dtype: Any = jnp.float32
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -176,9 +240,18 @@ class AttnBlock(nn.Module):
     h = GroupNorm(_groups(C), name='norm')(x)
     qkv = nn.Dense(3 * C, dtype=self.dtype, name='qkv')(h).reshape(B, H * W, 3, C)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum('bqc,bkc->bqk', q, k) / math.sqrt(C)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    h = jnp.einsum('bqk,bkc->bqc', attn, v).reshape(B, H, W, C)
+    if self.head_dim:
+      if C % self.head_dim:
+        raise ValueError(f'model.attn_head_dim={self.head_dim}: expected a divisor of the '
+                         f'channels ({C}) of attention block {self.name}')
+      heads = C // self.head_dim
+      q, k, v = (a.reshape(B, H * W, heads, self.head_dim) for a in (q, k, v))
+      # Softmax in float32 (XLA's implementation on CPU; cuDNN's fused one where it fits).
+      h = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)
+    else:
+      logits = jnp.einsum('bqc,bkc->bqk', q, k) / math.sqrt(C)
+      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      h = jnp.einsum('bqk,bkc->bqc', attn, v).reshape(B, H, W, C)
     return x + nn.Dense(C, dtype=self.dtype, kernel_init=zeros_init, name='proj_out')(h)
 
 
@@ -199,6 +272,13 @@ class UNet(nn.Module):
       stage-1 student initialised from its teacher computes exactly the teacher's
       conditional output (the guided target at w = 0) and keeps doing so until its shared
       weights move; without it the branch adds a learnt offset at w = 0 too.
+    w_embedding: the w branch's features, ``'fourier'`` (gdistill's) or ``'authors'``
+      (``add_guidance_weight``).
+    attn_head_dim: 0, single-head attention; else the channels per head of every
+      attention block (which must divide their channels).
+    resblock_resample: down- and upsample with residual blocks (``ResnetBlock.resample``,
+      parameters ``down_{i}_downsample/conv1/...``) instead of a strided conv and a
+      nearest upsample + conv (``down_{i}_downsample/kernel``).
     dtype: compute dtype (parameters stay float32).
     remat: recompute each residual and attention block's activations in the
       backward pass (``nn.remat``) instead of keeping them: the backward pass
@@ -215,12 +295,17 @@ class UNet(nn.Module):
   use_w: bool = False
   w_embed_scale: float = 250.0
   w_relative: bool = False
+  w_embedding: str = 'fourier'
+  attn_head_dim: int = 0
+  resblock_resample: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
 
   @nn.compact
-  def __call__(self, z, logsnr, label, w: Optional[jax.Array] = None, *, train: bool = False):
-    """z: [B, H, W, C]; logsnr: [B]; label: [B] int; w: [B] or None -> [B, H, W, C]."""
+  def __call__(self, z, logsnr, label, w: Optional[jax.Array] = None, *, train: bool = False,
+               w_scale=None):
+    """z: [B, H, W, C]; logsnr: [B]; label: [B] int; w: [B] or None -> [B, H, W, C].
+    ``w_scale``: scalar or [B] factor on the w branch (the w warm-up); None: 1."""
     B, H, W, C = z.shape
     assert logsnr.shape == (B,) and label.shape == (B,), (logsnr.shape, label.shape)
     temb_dim = 4 * self.ch
@@ -229,7 +314,8 @@ class UNet(nn.Module):
     emb = nn.Dense(temb_dim, name='temb_dense1')(nn.swish(emb))
     emb = emb + nn.Embed(self.num_classes + 1, temb_dim, name='class_embed')(label)
     emb = add_guidance_weight(emb, w, use_w=self.use_w, net='U-Net', features=self.ch,
-                              scale=self.w_embed_scale, relative=self.w_relative)
+                              scale=self.w_embed_scale, relative=self.w_relative,
+                              embedding=self.w_embedding, w_scale=w_scale)
     emb = emb.astype(self.dtype)
 
     # The lifted classes keep the module names (every block is named), so
@@ -237,7 +323,7 @@ class UNet(nn.Module):
     resnet_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
     block = functools.partial(resnet_cls, dropout=self.dropout, dtype=self.dtype)
-    attn = functools.partial(attn_cls, dtype=self.dtype)
+    attn = functools.partial(attn_cls, dtype=self.dtype, head_dim=self.attn_head_dim)
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z.astype(self.dtype))
     hs = [h]
     for level, mult in enumerate(self.ch_mult):
@@ -247,8 +333,11 @@ class UNet(nn.Module):
           h = attn(name=f'down_{level}_attn_{i}')(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
-                    name=f'down_{level}_downsample')(h)
+        name = f'down_{level}_downsample'
+        if self.resblock_resample:
+          h = block(h.shape[-1], resample='down', name=name)(h, emb, train)
+        else:
+          h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=name)(h)
         hs.append(h)
 
     h = block(h.shape[-1], name='mid_block_0')(h, emb, train)
@@ -262,8 +351,12 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn(name=f'up_{level}_attn_{i}')(h)
       if level != 0:
-        h = upsample_nearest_2x(h)
-        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f'up_{level}_upsample')(h)
+        name = f'up_{level}_upsample'
+        if self.resblock_resample:
+          h = block(h.shape[-1], resample='up', name=name)(h, emb, train)
+        else:
+          h = upsample_nearest_2x(h)
+          h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=name)(h)
     assert not hs
 
     h = nn.swish(GroupNorm(_groups(h.shape[-1]), name='norm_out')(h))
