@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
   # halved down to encoder_min_steps (phases encoder_nXXXX).
   c.translate = ml_collections.ConfigDict()
   c.translate.distill_encoder = True
+  # Without a distilled encoder, the stage-1 model's DDIM steps to encode with in the
+  # distilled routes (0: as many as the decoder's).
+  c.translate.encode_steps = 0
   c.translate.encoder_start_steps = 32
   c.translate.encoder_min_steps = 4
   c.translate.encoder = _optim(num_steps=1000, learning_rate=1e-4, warmup_steps=0,

@@ -282,6 +282,10 @@ def _validate_translate(config, *, num_devices, num_processes) -> None:
     _err('translate.pairs', pairs, '(source, target) pairs of class labels, e.g. ((7, 9),)')
   for k in ('num_per_pair', 'ddim_steps', 'quality_per_pair'):
     _positive_int(f'translate.{k}', t[k])
+  encode_steps = t.get('encode_steps', 0)
+  if not isinstance(encode_steps, int) or isinstance(encode_steps, bool) or encode_steps < 0:
+    _err('translate.encode_steps', encode_steps,
+         'a number of DDIM steps >= 1, or 0 for the decoder\'s own')
   # Distilled step counts need a decoder (stage-2 student) and, when distilled, an encoder.
   config_plan = run_plan.from_config(config)
   decoders = set(config_plan.student_steps)

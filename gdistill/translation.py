@@ -112,9 +112,10 @@ def ddim_route(steps: int, model: str = 'stage1') -> Route:
 
 
 def distilled_route(work: ModelStore, steps: int, *, flag: str = 'translate.distilled_steps',
-                    require_encoder: bool = False) -> Route:
+                    require_encoder: bool = False, encode_steps: int = 0) -> Route:
   """The distilled encoder and decoder of ``steps``; without a distilled encoder
-  (``translate.distill_encoder=False``) the stage-1 model encodes in ``steps``."""
+  (``translate.distill_encoder=False``) the stage-1 model encodes with DDIM in
+  ``encode_steps`` steps (0: in ``steps``)."""
   decoder = work.student_phase('ddim', steps)
   if decoder is None:
     raise CheckpointError(f'{flag}={steps}: workdir {work.path} has no {steps}-step student (it '
@@ -124,9 +125,11 @@ def distilled_route(work: ModelStore, steps: int, *, flag: str = 'translate.dist
     if require_encoder:
       raise CheckpointError(f'{flag}={steps}: workdir {work.path} has no {steps}-step distilled '
                             f'encoder (it holds: {work.describe()})')
-    log(f'translate: no distilled {steps}-step encoder, the stage-1 model encodes instead')
+    n = encode_steps or steps
+    log(f'translate: no distilled {steps}-step encoder, the stage-1 model encodes instead '
+        f'({n} DDIM steps)')
     return Route(name=f'distilled{steps}', encoder='stage1', decoder=decoder, steps=steps,
-                 clean_start=True)
+                 clean_start=True, encode_steps=encode_steps or None)
   return Route(name=f'distilled{steps}', encoder=enc, decoder=decoder, steps=steps,
                clean_start=False)
 
@@ -248,7 +251,8 @@ def quality(classify, x_in: np.ndarray, x_out: np.ndarray, *, target: int, sourc
 def stage_routes(config, work: ModelStore) -> list[Route]:
   t = config.translate
   return [ddim_route(t.ddim_steps)] + [
-      distilled_route(work, n, require_encoder=t.distill_encoder) for n in t.distilled_steps]
+      distilled_route(work, n, require_encoder=t.distill_encoder,
+                      encode_steps=t.get('encode_steps', 0)) for n in t.distilled_steps]
 
 
 def quality_report(config, work: ModelStore, translator: Translator, routes, eval_source,

@@ -24,7 +24,11 @@ def _fashion_config():
 
 
 def test_plan_of_the_embedded_default():
-  plan = run_plan.from_config(_fashion_config())
+  config = _fashion_config()
+  assert not config.translate.distill_encoder  # the stage-1 model encodes (32 DDIM steps)
+  assert run_plan.from_config(config).encoder_steps == []
+  config.translate.update(distill_encoder=True, encoder_start_steps=32, encoder_min_steps=4)
+  plan = run_plan.from_config(config)
   assert plan.names == ['teacher', 'stage1', 'stage2_n0032', 'stage2_n0016', 'stage2_n0008',
                         'stage2_n0004', 'stage2_n0002', 'stage2_n0001', 'encoder_n0016',
                         'encoder_n0008', 'encoder_n0004']
