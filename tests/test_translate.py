@@ -6,6 +6,7 @@ pipeline tests share one smoke workdir (``smoke_workdir.py``), trained once per
 session in a subprocess with two CPU devices.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -236,6 +237,7 @@ def test_saved_classifier_is_the_eval_stages_file(tmp_path):
     ('encoder.batch_size', 3, 'translate.encoder.batch_size=3: expected a multiple of the number'
                               ' of devices (2)'),
     ('encoder.time_grid', 'fine', 'translate.encoder.time_grid=\'fine\''),
+    ('encode_steps', -1, 'translate.encode_steps=-1: expected a number of DDIM steps >= 1, or 0'),
 ])
 def test_config_validation_of_the_translate_section(key, value, fragment):
   from gdistill import config_validation  # pylint: disable=g-import-not-at-top
@@ -326,6 +328,29 @@ def workdir(fashion_data_dir):
 @pytest.fixture(scope='module')
 def fake(tmp_path_factory):
   return smoke_workdir.fake_workdir(str(tmp_path_factory.mktemp('fake') / 'workdir'))
+
+
+def test_without_a_distilled_encoder_the_stage1_model_encodes_in_encode_steps(tmp_path):
+  from gdistill.model_store import ModelStore  # pylint: disable=g-import-not-at-top
+  path = smoke_workdir.fake_workdir(str(tmp_path / 'w'), phases=('teacher', 'stage1',
+                                                                 'stage2_n0004', 'stage2_n0002'))
+  spec = importlib.util.spec_from_file_location(
+      'smoke', os.path.join(smoke_workdir.REPO, 'configs', 'smoke.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.translate.distill_encoder = False
+  work = ModelStore.open(path, config)
+  route = translation.distilled_route(work, 4, encode_steps=32)
+  assert (route.encoder, route.decoder, route.clean_start) == ('stage1', 'stage2_n0004', True)
+  assert route.encoder_steps == 32 and route.nfe == 31 + 4
+  assert translation.distilled_route(work, 4).encoder_steps == 4  # 0: the decoder's steps
+  config.translate.encode_steps = 16
+  routes = translation.stage_routes(config, work)  # ddim_steps 8, distilled_steps (2, 4)
+  assert [(r.name, r.encoder_steps) for r in routes] == [
+      ('ddim8', 8), ('distilled2', 16), ('distilled4', 16)]
+  with pytest.raises(translation.CheckpointError, match='no 4-step distilled encoder'):
+    translation.distilled_route(work, 4, require_encoder=True)
 
 
 @pytest.mark.slow
