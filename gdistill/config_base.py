@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Stage 2: one halving from 2N to N steps each, from start_steps/2 down to min_steps.
   c.stage2 = _optim(num_steps=1000, learning_rate=1e-4, warmup_steps=0, lr_decay='linear',
                     ema_decay=0.0, dropout=0.0)
+  c.stage2.w_min_frac = 0.0  # as stage1.w_min_frac, for every halving
   c.stage2.start_steps = 64   # the stage-1 model is the 64-step teacher
   c.stage2.min_steps = 1
   # Training steps of particular halvings instead of num_steps: ((student steps, training

@@ -173,12 +173,13 @@ def halving_loss(params, frozen, batch, *, student: Denoiser, t, w, eps_rng, dro
 
 
 def stage2_loss(params, frozen, batch, rng, *, student: Denoiser, w_min, w_max, grid, weighting,
-                w_balance=False):
+                w_balance=False, w_min_frac=0.0):
   """Stage 2: one student step from t matches two teacher steps (w kept as input).
 
   ``frozen`` holds the teacher's ``params`` and the student's step count
   ``num_steps`` (a traced scalar, so all halvings share one compiled step).
-  loss = E[omega(lambda_t) ||x_hat_student(z_t, c, w) - x_tilde||^2].
+  loss = E[omega(lambda_t) ||x_hat_student(z_t, c, w) - x_tilde||^2], w drawn as in
+  stage 1 (a ``w_min_frac`` of the examples at w_min exactly).
   """
   b = batch['image'].shape[0]
   t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
@@ -186,6 +187,6 @@ def stage2_loss(params, frozen, batch, rng, *, student: Denoiser, w_min, w_max, 
   return halving_loss(
       params, frozen, batch, student=student, weighting=weighting, w_balance=w_balance,
       t=stage2_time_grid(t_rng, b, student_steps=n, grid=grid),
-      w=_uniform_w(w_rng, b, w_min, w_max), eps_rng=eps_rng, dropout_rng=dropout_rng,
+      w=_uniform_w(w_rng, b, w_min, w_max, w_min_frac), eps_rng=eps_rng, dropout_rng=dropout_rng,
       target_of=lambda x_fn, z_t, t: stage2_target(x_fn, z_t=z_t, t=t, student_steps=n,
                                                    path=student.path))

@@ -75,7 +75,8 @@ class PhaseBuilder:
       loss = functools.partial(losses.stage2_loss,
                                w_min=c.guidance.w_min, w_max=c.guidance.w_max,
                                grid=c.stage2.time_grid, weighting=weighting(c, c.stage2),
-                               w_balance=c.stage2.get('w_balance', False))
+                               w_balance=c.stage2.get('w_balance', False),
+                               w_min_frac=float(c.stage2.get('w_min_frac', 0.0)))
     else:
       # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
       # encoder's is not.

@@ -108,14 +108,15 @@ def test_a_phase_weighting_overrides_the_diffusion_one_and_is_validated(section)
     config_validation.validate(config)
 
 
+@pytest.mark.parametrize('section', ['stage1', 'stage2'])
 @pytest.mark.parametrize('value', [1.0, -0.1, 'half', True])
-def test_w_min_frac_must_be_a_fraction_below_one(value):
+def test_w_min_frac_must_be_a_fraction_below_one(value, section):
   config = load_config('fashion_mnist')
   with config.unlocked():
-    del config.stage1['w_min_frac']
-    config.stage1.w_min_frac = value  # a config file may set anything
+    del config[section]['w_min_frac']
+    config[section].w_min_frac = value  # a config file may set anything
   with pytest.raises(config_validation.ConfigError,
-                     match=rf'stage1\.w_min_frac={value!r}: expected a number in \[0, 1\)'):
+                     match=rf'{section}\.w_min_frac={value!r}: expected a number in \[0, 1\)'):
     config_validation.validate(config)
 
 

@@ -359,3 +359,22 @@ def test_w_min_frac_trains_that_fraction_at_w_min_and_the_rest_uniform(frac):
   assert abs(at_min - frac) < 0.04, at_min
   rest = w[w != 0.5]
   assert rest.min() > 0.5 and rest.max() < 4.0 and abs(rest.mean() - 2.25) < 0.1
+
+
+@pytest.mark.parametrize('frac', [0.0, 0.3])
+def test_stage2_w_min_frac_trains_that_fraction_at_w_min(frac):
+  """stage2.w_min_frac: each halving draws w as stage 1 does; the teacher's two steps and
+  the student's step see the same w."""
+  data, b = GaussianData(), 2048
+  net = _Recorder(lambda params, z, logsnr, label, w_: data.x_hat(z, logsnr))
+  batch = {'image': jnp.zeros((b, 2, 2, 1)), 'label': jnp.arange(b, dtype=jnp.int32) % 10}
+  _, (calls,) = _run_jitted(lambda: losses.stage2_loss(
+      'student', {'params': 'teacher', 'num_steps': jnp.int32(4)}, batch,
+      jax.random.PRNGKey(3), student=from_apply(net, mean_type='x', num_classes=10),
+      w_min=0.5, w_max=4.0, grid='deterministic', weighting='snr_trunc', w_min_frac=frac), net)
+  w = calls[-1]['w']
+  for c in calls:
+    np.testing.assert_array_equal(c['w'], w)
+  assert abs(np.mean(w == 0.5) - frac) < 0.04
+  rest = w[w != 0.5]
+  assert rest.min() > 0.5 and rest.max() < 4.0 and abs(rest.mean() - 2.25) < 0.1
