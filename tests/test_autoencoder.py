@@ -120,18 +120,28 @@ def test_the_command_trains_measures_writes_and_keeps_the_codec(tmp_path, fashio
   assert os.stat(work / 'autoencoder.msgpack').st_mtime_ns == before
 
 
-@pytest.mark.parametrize('override, fragment', [
-    ('--config.autoencoder.ch_mult=(1, 2, 2)', 'autoencoder.ch_mult=(1, 2, 2): image shape '
-                                               '(28, 28, 1): height and width must be multiples'),
-    ('--config.autoencoder.kl_weight=-1.0', 'autoencoder.kl_weight=-1.0: expected a number >= 0'),
-    ('--config.autoencoder.out_ch=3', "autoencoder.out_ch=3: expected the images' 1 channels"),
-    ('--config.autoencoder.num_steps=0', 'autoencoder.num_steps=0: expected a positive integer'),
+@pytest.mark.parametrize('key, value, fragment', [
+    ('ch_mult', (1, 2, 2), 'autoencoder.ch_mult=(1, 2, 2): image shape (28, 28, 1): height and '
+                           'width must be multiples'),
+    ('kl_weight', -1.0, 'autoencoder.kl_weight=-1.0: expected a number >= 0'),
+    ('out_ch', 3, "autoencoder.out_ch=3: expected the images' 1 channels"),
+    ('num_steps', 0, 'autoencoder.num_steps=0: expected a positive integer'),
+    ('batch_size', 63, 'autoencoder.batch_size=63: expected a multiple of the number of devices'),
 ])
-def test_bad_settings_fail_with_one_line_before_writing(tmp_path, fashion_data_dir, override,
+def test_bad_settings_fail_with_one_line_before_writing(tmp_path, fashion_data_dir, key, value,
                                                         fragment):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from gdistill import autoencoder as command  # pylint: disable=g-import-not-at-top
+  from gdistill.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('ae', os.path.join(
+      smoke_workdir.REPO, 'configs', 'fashion_mnist_autoencoder.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.data_dir = fashion_data_dir
+  config.autoencoder[key] = value
   work = tmp_path / 'ae'
-  proc = _cli('--config=configs/fashion_mnist_autoencoder.py', f'--workdir={work}',
-              f'--config.data.data_dir={fashion_data_dir}', override)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert fragment in proc.stderr, proc.stderr[-2000:]
+  with pytest.raises(ConfigError) as e:
+    command.train_autoencoder(config, str(work))
+  assert fragment in str(e.value)
   assert not work.exists()
