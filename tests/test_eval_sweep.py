@@ -380,6 +380,15 @@ def test_smoke_pipeline_eval_stage_then_extend_with_the_evaluate_command(tmp_pat
     if (r['model'], r['sampler'], r['steps'], r['w']) in old:
       assert r['fid'] == old[(r['model'], r['sampler'], r['steps'], r['w'])]
 
+  # The demo's exporter ships a finished run's students with their report rows.
+  from gdistill import demo  # pylint: disable=g-import-not-at-top
+  infos = demo.ship(workdir, weights_dir=str(tmp_path / 'weights'), steps=(4, 2))
+  for n, info in zip((4, 2), infos):
+    assert info['phase'] == f'stage2_n{n:04d}' and info['weights']['dtype'] == 'float16'
+    assert info['report_rows'] and all(r['steps'] == n for r in info['report_rows'])
+    assert os.path.isfile(demo.student_file(n, str(tmp_path / 'weights')))
+  assert os.path.isfile(tmp_path / 'weights' / 'fashion_mnist_report.json')
+
 
 def test_shipped_teacher_rows_fit_the_shipped_teacher_and_classifier():
   """The rows shipped with the embedded default's teacher were measured for that very file
