@@ -3,9 +3,9 @@
 Distils the teacher that ships with gdistill (gdistill/weights/fashion_mnist_teacher.msgpack,
 trained by configs/fashion_mnist_teacher.py; its sidecar .json says how long and how good):
 stage 1, six halvings from 64 down to 1 step, the evaluation sweep and translation, sized
-for a 2-core CPU: 52:22 on a fresh clone of a44ab34 at 1.28-1.41 stage-1 steps/s (expect
-75-80 minutes on a slow hour of the same CPU, at 0.9 steps/s); its report passes all 22
-claims (README).
+for a 2-core CPU: 76:16 on a fresh clone of 0a55ab8 on a slow hour (stage 1 at 0.68
+steps/s; about 45 minutes at 1.3-1.4 steps/s); its report passes all 22 claims (README,
+docs/teacher.md).
 
   python -m gdistill.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
