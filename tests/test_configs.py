@@ -222,6 +222,8 @@ def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypa
       config.model.update(hidden_size=32, depth=2, num_heads=4)
     else:
       config.model.ch = 8
+      if config.model.get('attn_head_dim', 0):  # the authors' 64-channel heads, scaled down
+        config.model.attn_head_dim = 8
     for phase in ('teacher', 'stage1', 'stage2'):
       config[phase].update(num_steps=1, batch_size=8, warmup_steps=0, checkpoint_every=1)
     config.stage2.update(start_steps=2, min_steps=1)
