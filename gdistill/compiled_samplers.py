@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from gdistill import guidance, samplers, sharding as sharding_lib, xla_options
 
 
-def make_sample_fn(net, *, mode: str, sampler: str):
+def make_sample_fn(net, *, mode: str, sampler: str, codec=None):
   """Returns jitted ``fn(params, label [B], w [], z_1 [B,H,W,C], num_steps [], rng) -> x``.
 
   Args:
@@ -31,12 +31,14 @@ def make_sample_fn(net, *, mode: str, sampler: str):
       (w-conditioned network, 1 per step) or ``conditional`` (teacher without
       guidance, w ignored, 1 per step).
     sampler: ``ddim`` or ``stochastic``.
+    codec: a ``gdistill.codec`` that is not the identity: ``params`` is then the pair
+      (network params, codec params) and the samples come out decoded to images, clipped
+      to [-1, 1] (``WithCodec`` passes the pair).
   """
   if mode not in ('guided', 'student', 'conditional'):
     raise ValueError(f'mode={mode!r}: expected guided, student or conditional')
 
-  @jax.jit
-  def fn(params, label, w, z_1, num_steps, rng):
+  def sample(params, label, w, z_1, num_steps, rng):
     if mode == 'guided':
       denoise = guidance.guided_teacher_denoise_fn(net, params=params, cond=label, w=w)
     else:
@@ -44,7 +46,26 @@ def make_sample_fn(net, *, mode: str, sampler: str):
                                                 w=w if mode == 'student' else None)
     return samplers.sample(sampler, denoise, z_1, num_steps=num_steps, rng=rng,
                            clip=net.sampler_clips(mode), path=net.path)
-  return fn
+  if codec is None:
+    return jax.jit(sample)
+
+  @jax.jit
+  def decoded(params, label, w, z_1, num_steps, rng):
+    net_params, codec_params = params
+    z_0 = sample(net_params, label, w, z_1, num_steps, rng)
+    return jnp.clip(codec.decode_with(codec_params, z_0), -1.0, 1.0)
+  return decoded
+
+
+class WithCodec:
+  """A compiled sampler of a latent run called as a pixel run's: ``fn(params, ...)``
+  passes ``(params, codec_params)`` to the sampler ``make_sample_fn(..., codec=)`` made."""
+
+  def __init__(self, fn, codec_params):
+    self.fn, self.codec_params = fn, codec_params
+
+  def __call__(self, params, *args):
+    return self.fn((params, self.codec_params), *args)
 
 
 class AotSampler:
@@ -83,7 +104,9 @@ def nfe_per_step(mode: str) -> int:
 
 def class_grid(sample_fn, params, *, num_classes: int, per_class: int, image_shape, w: float,
                num_steps: int, seed: int, sharding=None) -> np.ndarray:
-  """Samples ``per_class`` images of every class: [K, per_class, H, W, C] in [-1, 1]."""
+  """Samples ``per_class`` images of every class: [K, per_class, H, W, C] in [-1, 1].
+
+  ``image_shape``: of the noise (the sampler's space; ``sample_fn`` may decode it)."""
   label = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)
   rng = jax.random.PRNGKey(seed)
   z_1 = jax.random.normal(jax.random.fold_in(rng, 0), (label.shape[0], *image_shape))
@@ -100,7 +123,7 @@ def class_grid(sample_fn, params, *, num_classes: int, per_class: int, image_sha
   x = sample_fn(params, label, w_arr, z_1, steps_arr, sample_rng)
   if not x.is_fully_addressable:  # rows on other processes' devices: gather them here
     x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x)).reshape(num_classes, per_class, *image_shape)
+  return np.asarray(jax.device_get(x)).reshape(num_classes, per_class, *x.shape[1:])
 
 
 def to_host(x) -> np.ndarray:

@@ -64,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
       name='fashion_mnist', split='train', eval_split='test', data_dir='', download=False,
       num_workers=-1))
 
+  # Between the images and the diffusion (gdistill/codec.py): '' is pixels; a file written by
+  # ``python -m gdistill.autoencoder`` makes a latent run (the networks, samplers and losses
+  # work on its latents, encoded on the fly; samples are decoded to images).
+  c.codec = ml_collections.ConfigDict(dict(path=''))
+
   c.diffusion = ml_collections.ConfigDict(dict(mean_type='v', weighting='snr_trunc'))
 
   # The network: one architecture's keys (gdistill/models/registry.py). This is the

@@ -87,7 +87,9 @@ class ModelStore:
 
   def __init__(self, workdir: str, config, *, mesh, image_shape, num_classes: int,
                dataset: Optional[str] = None, strategy: str = 'replicated',
-               compile_options: Optional[dict] = None):
+               compile_options: Optional[dict] = None, codec=None, foreign=None):
+    """``image_shape``: of the networks' inputs (a latent run's: the latents');
+    ``codec``: between images and that space (default: the config's, ``codec_for``)."""
     self.path = storage.absolute(workdir)
     self.config = config
     self.mesh = mesh
@@ -99,6 +101,9 @@ class ModelStore:
                             xla_options.compile_options(config, mesh.devices.flat[0].platform))
     self.plan = run_plan.from_config(config)
     self._samplers = {}
+    self._codec = codec
+    if foreign is not None:  # the teacher.source factory's teacher, already called
+      self.__dict__['foreign'] = foreign
 
   @classmethod
   def open(cls, workdir: str, config=None) -> 'ModelStore':
@@ -248,6 +253,26 @@ class ModelStore:
     raise ValueError(f'{flag}={value}: expected a class of {self.dataset} in '
                      f'0..{self.num_classes - 1} ({listing})')
 
+  # ---- the codec: images <-> the networks' space --------------------------------------
+
+  @property
+  def codec(self):
+    """``gdistill.codec``: IDENTITY (pixels), the config's ``codec.path`` autoencoder, or a
+    ``teacher.source`` factory's own codec."""
+    if self._codec is None:
+      self._codec = codec_for(self.config, self.foreign)
+    return self._codec
+
+  @property
+  def data_shape(self) -> tuple:
+    """[H, W, C] of the images (the networks' shape unless a codec maps them)."""
+    c = self.codec
+    return self.image_shape if c.is_identity else tuple(int(d) for d in c.image_shape)
+
+  def codec_meta(self) -> dict:
+    """The checkpoint meta's ``codec`` entry: none for pixels (earlier metas stay equal)."""
+    return {} if self.codec.is_identity else {'codec': self.codec.describe()}
+
   # ---- networks, parameters and samplers -------------------------------------------
 
   @property
@@ -303,7 +328,11 @@ class ModelStore:
                                       mean_type=self.config.diffusion.mean_type,
                                       num_classes=self.num_classes)
     clip = self.config.guidance.get('teacher_clip', 'guided')
-    return net if clip == net.guided_clip else dataclasses.replace(net, guided_clip=clip)
+    if clip != net.guided_clip:
+      net = dataclasses.replace(net, guided_clip=clip)
+    if not self.codec.is_identity and net.clip_x != self.codec.clip_x:  # no clipping of latents
+      net = dataclasses.replace(net, clip_x=self.codec.clip_x)
+    return net
 
   def init_student(self, rng, teacher_params):
     """Stage 1's first student: every teacher weight, plus a w input that adds nothing
@@ -341,7 +370,8 @@ class ModelStore:
   def expected_meta(self, *, use_w: bool) -> dict:
     """The checkpoint meta entries a model of this run must have."""
     return {'model': self.model_meta(use_w=use_w), 'image_shape': list(self.image_shape),
-            'num_classes': self.num_classes, 'mean_type': self.mean_type, 'use_w': use_w}
+            'num_classes': self.num_classes, 'mean_type': self.mean_type, 'use_w': use_w,
+            **self.codec_meta()}
 
   def load(self, phase: str) -> Model:
     """The sampling parameters (EMA if kept) of a finished phase, with its network."""
@@ -379,11 +409,35 @@ class ModelStore:
     return Model(phase=phase, net=self.denoiser(use_w=use_w), params=params, meta=meta,
                  mode='student' if use_w else 'guided')
 
-  def sampler(self, mode: str, sampler: str = 'ddim') -> compiled_samplers.AotSampler:
-    """The compiled sampler of ``mode`` (``guided``/``student``) and kind, made once."""
+  def sampler(self, mode: str, sampler: str = 'ddim'):
+    """The compiled sampler of ``mode`` (``guided``/``student``) and kind, made once:
+    ``fn(params, label, w, z_1, num_steps, rng) -> images`` (a latent run's decoded)."""
     key = (mode, sampler)
     if key not in self._samplers:
-      self._samplers[key] = compiled_samplers.AotSampler(compiled_samplers.make_sample_fn(
-          self.denoiser(use_w=mode == 'student'), mode=mode, sampler=sampler),
+      codec = self.codec
+      fn = compiled_samplers.AotSampler(compiled_samplers.make_sample_fn(
+          self.denoiser(use_w=mode == 'student'), mode=mode, sampler=sampler,
+          codec=None if codec.is_identity else codec),
           name=f'{mode}/{sampler}', log=log, compile_options=self.compile_options)
+      if not codec.is_identity:
+        fn = compiled_samplers.WithCodec(fn, self.codec_params())
+      self._samplers[key] = fn
     return self._samplers[key]
+
+  def codec_params(self):
+    """The codec's parameters, replicated over the mesh (None for pixels)."""
+    if self.codec.is_identity:
+      return None
+    if not hasattr(self, '_codec_params'):
+      self._codec_params = jax.device_put(self.codec.params, sharding.replicated(self.mesh))
+    return self._codec_params
+
+
+def codec_for(config, foreign=None):
+  """The codec of a run: a ``teacher.source`` factory's own, else ``codec.path`` (an
+  autoencoder file written by ``python -m gdistill.autoencoder``), else pixels."""
+  from gdistill import codec as codec_lib  # pylint: disable=g-import-not-at-top
+  if foreign is not None and getattr(foreign, 'codec', None) is not None:
+    return foreign.codec
+  path = (config.get('codec') or {}).get('path', '')
+  return codec_lib.from_path(resolve_path(path)) if path else codec_lib.IDENTITY

@@ -412,6 +412,8 @@ def export_phase(checkpoint_dir: str, path: str, *, config, extra_info: Optional
                                  sharding=jax.sharding.SingleDeviceSharding(
                                      jax.local_devices()[0]))
   expect = expected(config, use_w=use_w, num_classes=num_classes, image_shape=image_shape)
+  codec = {'codec': meta['codec']} if 'codec' in meta else {}  # a latent run's autoencoder
+  expect.update(codec)
   if step == checkpoint.latest_complete(checkpoint_dir):
     params, meta = checkpoint.load_eval_params(checkpoint_dir, abstract, expect=expect)
   else:
@@ -419,6 +421,7 @@ def export_phase(checkpoint_dir: str, path: str, *, config, extra_info: Optional
   phase = meta.get('phase') or os.path.basename(checkpoint_dir)
   batch = phase_batch_size(config, phase)
   info = network_info(config, use_w=use_w, num_classes=num_classes, image_shape=image_shape)
+  info.update(codec)
   info.update(phase=phase, step=int(step),
               images_seen=None if batch is None else int(step) * batch,
               weights_kind='ema' if meta.get('has_ema') else 'raw',

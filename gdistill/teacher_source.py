@@ -54,6 +54,9 @@ class ForeignTeacher:
   student: Optional[Denoiser] = None
   student_init: Optional[Callable] = None
   description: dict = dataclasses.field(default_factory=dict)
+  # A latent teacher's autoencoder (``gdistill.codec.FunctionCodec``, or an
+  # ``AutoencoderCodec`` from ``gdistill.codec.load``): ``image_shape`` is then its latents'.
+  codec: Any = None
 
   def student_net(self) -> Denoiser:
     """The stage-1 / stage-2 student: declared, or the teacher with the w hook."""

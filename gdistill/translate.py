@@ -90,7 +90,7 @@ def main(argv):
     try:
       source = work.parse_class(f.source_class, '--source_class')
       target = work.parse_class(f.target_class, '--target_class')
-      x = image_io.read_images(f.input, work.image_shape, flag='--input')
+      x = image_io.read_images(f.input, work.data_shape, flag='--input')
     except ValueError as e:
       cli.fail(str(e))
     if not from_file:
@@ -129,11 +129,12 @@ def _file_route(f):
       cli.fail(f'--encoder={enc_path}: expected a one-file model (*.msgpack with its .json '
                f'sidecar)')
     enc_store, enc = ModelStore.open_file(enc_path)
-    if (tuple(enc_store.image_shape), enc_store.num_classes) != (tuple(work.image_shape),
-                                                                  work.num_classes):
+    if ((tuple(enc_store.image_shape), enc_store.num_classes, enc_store.codec_meta())
+        != (tuple(work.image_shape), work.num_classes, work.codec_meta())):
       cli.fail(f'--encoder={enc_path}: images {tuple(enc_store.image_shape)} of '
-               f'{enc_store.num_classes} classes, but --model={f.model} makes '
-               f'{tuple(work.image_shape)} of {work.num_classes}')
+               f'{enc_store.num_classes} classes ({enc_store.codec.kind} codec), but '
+               f'--model={f.model} makes {tuple(work.image_shape)} of {work.num_classes} '
+               f'({work.codec.kind} codec)')
   name = lambda m: 'teacher' if m.mode == 'guided' else m.phase
   route = translation.Route(name=f'file{f.steps}', encoder=name(enc), decoder=name(dec),
                             steps=f.steps, clean_start=True, encode_steps=f.encode_steps)

@@ -67,11 +67,14 @@ def denoise_fn_for(mode: str, net, *, params, label, w):
   raise ValueError(f'mode={mode!r}: expected guided or student')
 
 
-def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: str):
+def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: str,
+                      codec=None):
   """Jitted ``fn(enc_params, dec_params, x, source [B], target [B], encode_w, w,
   encode_steps, decode_steps, clean_start) -> x'``; every argument after the
-  parameters is traced, so step counts and classes share one compilation."""
-  @jax.jit
+  parameters is traced, so step counts and classes share one compilation.
+
+  ``codec``: a ``gdistill.codec`` that is not the identity: ``fn`` takes its parameters
+  last, encodes the images x, translates their latents and decodes (clipped to [-1, 1])."""
   def fn(enc_params, dec_params, x, source, target, encode_w, w, encode_steps, decode_steps,
          clean_start):
     enc = denoise_fn_for(encode_mode, encode_net, params=enc_params, label=source, w=encode_w)
@@ -79,7 +82,15 @@ def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: 
     return translate(enc, dec, x, encode_steps=encode_steps, decode_steps=decode_steps,
                      clean_start=clean_start, path=decode_net.path,
                      clip=decode_net.sampler_clips(decode_mode))
-  return fn
+  if codec is None:
+    return jax.jit(fn)
+
+  @jax.jit
+  def through_codec(enc_params, dec_params, x, *args):
+    *rest, codec_params = args
+    z = fn(enc_params, dec_params, codec.encode_with(codec_params, x), *rest)
+    return jnp.clip(codec.decode_with(codec_params, z), -1.0, 1.0)
+  return through_codec
 
 
 # ---- routes: which trained models translate ----------------------------------------
@@ -153,19 +164,21 @@ class Translator:
     """x [n, H, W, C] in [-1, 1] -> [n, H, W, C] translated along ``route``."""
     enc, dec = self.model(route.encoder), self.model(route.decoder)
     key = (route.encoder == 'teacher', route.decoder == 'teacher')
+    codec = self.work.codec
     if key not in self._fns:
       self._fns[key] = compiled_samplers.AotSampler(make_translate_fn(
           encode_net=enc.net, decode_net=dec.net, encode_mode=enc.mode,
-          decode_mode=dec.mode), name='translate',
+          decode_mode=dec.mode, codec=None if codec.is_identity else codec), name='translate',
           compile_options=self.work.compile_options)
     fn = self._fns[key]
     n = x.shape[0]
     labels = (np.full((n,), source, np.int32), np.full((n,), target, np.int32))
+    codec_args = () if codec.is_identity else (self.work.codec_params(),)
 
     def run(_, xs, src, tgt):
       return fn(enc.params, dec.params, xs, src, tgt, jnp.float32(self.encode_w),
                 jnp.float32(self.w), jnp.int32(route.encoder_steps), jnp.int32(route.steps),
-                jnp.bool_(route.clean_start))
+                jnp.bool_(route.clean_start), *codec_args)
     return compiled_samplers.run_batched(run, (np.asarray(x, np.float32), *labels),
                                          batch_size=self.batch_size, mesh=self.work.mesh)
 

@@ -28,7 +28,7 @@ MUTABLE_PREFIXES = ('stages', 'log_every', 'samples', 'eval', 'translate', 'chec
 ADDED = {**{f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 'stage2')},
          'model.w_relative': False, 'stage1.w_balance': False, 'stage2.num_steps_for': [],
          'stage2.w_balance': False, 'stage1.w_min_frac': 0.0, 'teacher.source': '',
-         'stage2.w_min_frac': 0.0,
+         'stage2.w_min_frac': 0.0, 'codec.path': '',
          'teacher.allow_signal_at_t1': False, 'model.w_embedding': 'fourier',
          'model.w_warmup_steps': 0, 'model.attn_head_dim': 0, 'model.resblock_resample': False,
          **{f'{section}.weighting': '' for section in ('teacher', 'stage1', 'stage2')}}

@@ -223,6 +223,7 @@ def run_sweep(config, store, *, train_source=None) -> dict:
       config=config, num_classes=store.num_classes, image_shape=store.image_shape,
       feature_net=net.info, reference_examples=stats['reference']['n'], checkpoints=ckpt,
       missing=missing, num_devices=store.mesh.size)
+  protocol.update(store.codec_meta())  # a latent run: samples decoded by this autoencoder
   fingerprint = report.fingerprint(protocol, net.fingerprint)
   protocol['fingerprint'] = fingerprint
   previous = report.reusable_rows(os.path.join(eval_dir, report.JSON_NAME), fingerprint)
