@@ -34,7 +34,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from gdistill import model_store, networks, phases, run_plan, sharding, xla_options  # pylint: disable=g-import-not-at-top
+from gdistill import model_store, networks, phases, run_plan, run_setup, sharding, xla_options  # pylint: disable=g-import-not-at-top
+from gdistill import codec as codec_lib  # pylint: disable=g-import-not-at-top
 from gdistill.models import registry  # pylint: disable=g-import-not-at-top
 
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist.py')
@@ -99,6 +100,12 @@ class Setup:
   student_net: Any
   compile_options: dict
   params_cache: dict = dataclasses.field(default_factory=dict)
+  codec: Any = codec_lib.IDENTITY  # a latent config's autoencoder (config.codec.path)
+
+  @property
+  def data_shape(self) -> tuple:
+    """The images' shape (``image_shape`` is the networks', the latents' in a latent run)."""
+    return self.image_shape if self.codec.is_identity else tuple(self.codec.image_shape)
 
   @property
   def dtype(self):
@@ -145,7 +152,9 @@ def make_setup(args) -> Setup:
     config.cpu_xla_tuned = False
   if config.data.name not in DATASETS:
     raise SystemExit(f'data.name={config.data.name!r}: the benchmarks know {sorted(DATASETS)}')
-  image_shape, num_classes = DATASETS[config.data.name]
+  data_shape, num_classes = DATASETS[config.data.name]
+  codec = run_setup.open_codec(config, tuple(data_shape))
+  image_shape = codec.model_shape(tuple(data_shape))
   mesh = sharding.make_mesh(config.mesh.to_dict())
   batch = args.batch or config.teacher.batch_size
   if batch % mesh.size:
@@ -155,7 +164,8 @@ def make_setup(args) -> Setup:
   return Setup(config=config, config_name=name, quick=args.quick, mesh=mesh,
                image_shape=tuple(image_shape), num_classes=num_classes, batch=batch,
                teacher_net=mk(use_w=False), student_net=mk(use_w=True),
-               compile_options=xla_options.compile_options(config, mesh.devices.flat[0].platform))
+               compile_options=xla_options.compile_options(config, mesh.devices.flat[0].platform),
+               codec=codec)
 
 
 def script_main(description: str, run, steps: Optional[tuple] = None,
@@ -349,7 +359,7 @@ class MatmulPeak:
 def random_batch(setup: Setup, batch: int, seed: int = 0):
   """A random batch of images in [-1, 1] and labels, split over the mesh."""
   rng = np.random.default_rng(seed)
-  image = rng.uniform(-1, 1, (batch, *setup.image_shape)).astype(np.float32)
+  image = rng.uniform(-1, 1, (batch, *setup.data_shape)).astype(np.float32)
   label = rng.integers(0, setup.num_classes, (batch,)).astype(np.int32)
   sh = sharding.batch_sharding(setup.mesh)
   return {'image': jax.device_put(image, sh), 'label': jax.device_put(label, sh)}
@@ -419,7 +429,7 @@ def _builder(setup: Setup) -> phases.PhaseBuilder:
     store = model_store.ModelStore('benchmark', setup.config, mesh=setup.mesh,
                                    image_shape=setup.image_shape, num_classes=setup.num_classes,
                                    strategy=setup.config.sharding,
-                                   compile_options=setup.compile_options)
+                                   compile_options=setup.compile_options, codec=setup.codec)
     setup.params_cache['builder'] = phases.PhaseBuilder(setup.config, store)
   return setup.params_cache['builder']
 

@@ -15,20 +15,11 @@ Then distil it: python -m gdistill.main --config=configs/fashion_mnist.py
 --workdir=runs/distil --config.teacher_checkpoint=runs/teacher
 """
 
-import importlib.util
-import os
-
-
-def _embedded_default():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fashion_mnist.py')
-  spec = importlib.util.spec_from_file_location('gdistill_config_fashion_mnist', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from gdistill.config_base import config_file
 
 
 def get_config():
-  c = _embedded_default()
+  c = config_file('fashion_mnist.py', relative_to=__file__)
   c.stages = ('teacher',)
   c.teacher_checkpoint = ''
   c.checkpoint.max_to_keep = 40  # every checkpoint, for benchmarks/teacher_curve.py

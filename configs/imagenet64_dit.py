@@ -26,19 +26,12 @@ TPU pod slice or GPUs (see launch/README.md).
 The 'eval' stage needs the FID Inception-v3 weights as configs/imagenet64.py does.
 """
 
-import importlib.util
-import os
-
-from gdistill.config_base import dit_model
-
-_spec = importlib.util.spec_from_file_location(
-    'imagenet64_config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet64.py'))
-_unet_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_unet_run)
+from gdistill.config_base import config_file, dit_model
 
 
 def get_config():
-  c = _unet_run.get_config()  # everything but the network and its learning rate
+  # Everything but the network and its learning rate: the U-Net run's.
+  c = config_file('imagenet64.py', relative_to=__file__)
   # remat: at 1024 tokens a block's attention probabilities alone are 12 heads x 1024^2
   # values per image; with remat the backward pass keeps only each block's input.
   c.model = dit_model(size='b2', patch_size=2, hidden_size=768, depth=12, num_heads=12,

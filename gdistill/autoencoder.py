@@ -121,7 +121,7 @@ def measure(codec, *, config, workdir: str, train_source, log) -> dict:
          'fid_images': int(real.shape[0]), 'fid_split': config.data.eval_split,
          'feature_net': net.info.get('description', net.kind)}
   log(f'autoencoder: reconstruction of {real.shape[0]} {config.data.eval_split} images: RMSE '
-      f'{rmse:.4f} (in units of the pixel range 0..255), FID {out["recon_fid"]:.3f} against the real images\' '
+      f'{rmse:.4f} (a fraction of the pixel range), FID {out["recon_fid"]:.3f} against the real images\' '
       f'{out["real_fid"]:.3f}')
   return out
 

@@ -39,6 +39,20 @@ def dit_model(*, size: str, patch_size: int, hidden_size: int, depth: int, num_h
       w_embedding=w_embedding, w_warmup_steps=w_warmup_steps, remat=remat))
 
 
+def config_file(path: str, *, relative_to: str = '') -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file at ``path`` (relative to the directory of the file
+  ``relative_to``, e.g. a config's ``__file__``): a config built on another."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if relative_to:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  name = 'gdistill_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0

@@ -35,15 +35,6 @@ def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
   return out | store.codec_meta()
 
 
-def in_model_space(loss_fn: Callable, codec) -> Callable:
-  """``loss_fn`` on batches encoded by ``codec`` (its parameters in ``frozen['codec']``):
-  a latent run trains on the images' latents, encoded on the fly inside the step."""
-  def fn(params, frozen, batch, rng, **kwargs):
-    z = jax.lax.stop_gradient(codec.encode_with(frozen['codec'], batch['image']))
-    return loss_fn(params, frozen, dict(batch, image=z), rng, **kwargs)
-  return fn
-
-
 def weighting(config, section) -> str:
   """A phase's loss weighting: its section's ``weighting``, else ``diffusion.weighting``."""
   return section.get('weighting', '') or config.diffusion.weighting
@@ -96,17 +87,6 @@ class PhaseBuilder:
                                weighting=weighting(c, c.translate.encoder))
     return self._student(spec, loss, frozen, on_done)
 
-  def _encoded(self, loss_fn: Callable) -> Callable:
-    """The loss on the batch's images as the networks see them (pixels: as they are)."""
-    codec = self.store.codec
-    return loss_fn if codec.is_identity else in_model_space(loss_fn, codec)
-
-  def _with_codec(self, frozen: dict) -> dict:
-    """The frozen inputs, with the codec's parameters where a latent run encodes."""
-    if self.store.codec.is_identity:
-      return frozen
-    return dict(frozen, codec=self.store.codec_params())
-
   def _teacher(self, spec, on_done) -> Phase:
     c, net = self.config.teacher, self.store.net(use_w=False)
     opt = optimizer(c, c.num_steps)
@@ -121,11 +101,11 @@ class PhaseBuilder:
 
     key = (id(c), losses.teacher_loss)
     if key not in self._updates:
-      self._updates[key] = make_update_fn(self._encoded(loss), opt, ema_decay=c.ema_decay,
+      self._updates[key] = make_update_fn(loss, opt, ema_decay=c.ema_decay,
                                           ema_warmup=c.ema_warmup)
     return Phase(name=spec.name, num_steps=c.num_steps, batch_size=c.batch_size,
                  init_fn=init_fn, update_fn=self._updates[key],
-                 frozen=self._with_codec({}), meta=meta(self.config, self.store, spec),
+                 frozen={}, meta=meta(self.config, self.store, spec),
                  checkpoint_every=c.checkpoint_every, on_done=on_done)
 
   def _student(self, spec, loss, frozen, on_done) -> Phase:
@@ -139,7 +119,7 @@ class PhaseBuilder:
     key = (id(s), loss.func, num_steps)  # the learning-rate schedule spans the phase
     if key not in self._updates:
       self._updates[key] = make_update_fn(
-          self._encoded(functools.partial(loss, student=student)), opt, ema_decay=s.ema_decay,
+          functools.partial(loss, student=student), opt, ema_decay=s.ema_decay,
           ema_warmup=s.ema_warmup, pass_step=loss.keywords.get('w_warmup_steps', 0) > 0)
     seed, store = self.config.seed, self.store
     from_teacher_net = spec.kind == run_plan.STAGE1
@@ -152,6 +132,6 @@ class PhaseBuilder:
       return init_state(params, opt, ema=s.ema_decay > 0)
 
     return Phase(name=spec.name, num_steps=num_steps, batch_size=s.batch_size,
-                 init_fn=init_fn, update_fn=self._updates[key], frozen=self._with_codec(frozen),
+                 init_fn=init_fn, update_fn=self._updates[key], frozen=frozen,
                  meta=meta(self.config, self.store, spec),
                  checkpoint_every=s.checkpoint_every, on_done=on_done)

@@ -17,7 +17,7 @@ import os
 import jax
 
 from gdistill import compiled_samplers, console, run_plan, sharding, storage, workdir_lock
-from gdistill.data import num_workers
+from gdistill.data import latents, num_workers
 from gdistill.grids import save_grid
 from gdistill.loop import LoopContext, run_phase
 from gdistill.metric_writer import MetricWriter, RunProgress, log
@@ -127,6 +127,10 @@ class Run:
               if p.teacher is not None and p.teacher not in names}
     record_config(self.config, self.workdir)
     console.open_log(self.workdir, jax.process_index())  # the workdir is this run's now
+    if trained and not self.store.codec.is_identity:  # a latent run trains on stored latents
+      self.ctx.source = latents.encode_split(self.source, self.store.codec,
+                                             workdir=self.workdir,
+                                             codec_params=self.store.codec_params())
     # A distillation step of any kind (stage 1, a halving, an encoder) runs a frozen network
     # twice and updates a student of its size: one rate (README: stage 1 and 2 measured so).
     self.ctx.run = RunProgress(

@@ -16,9 +16,11 @@ from gdistill.networks import init_params, param_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('fashion_mnist', 'fashion_mnist_teacher', 'smoke', 'cifar10', 'imagenet64',
-           'imagenet64_dit')
+           'imagenet64_dit', 'fashion_mnist_latent', 'fashion_mnist_latent_teacher')
+# The networks' input: a latent config's is its autoencoder's latents.
 SHAPES = {'fashion_mnist': ((28, 28, 1), 10), 'fashion_mnist_teacher': ((28, 28, 1), 10),
-          'smoke': ((28, 28, 1), 10),
+          'smoke': ((28, 28, 1), 10), 'fashion_mnist_latent': ((7, 7, 4), 10),
+          'fashion_mnist_latent_teacher': ((7, 7, 4), 10),
           'cifar10': ((32, 32, 3), 10), 'imagenet64': ((64, 64, 3), 1000),
           'imagenet64_dit': ((64, 64, 3), 1000)}
 # Full-size teacher parameter counts (pinned: a change here changes every result).
@@ -243,3 +245,17 @@ def test_teacher_config_trains_the_embedded_default_network():
   assert teacher.data.to_dict() == default.data.to_dict()
   assert teacher.stages == ('teacher',) and not teacher.teacher_checkpoint
   assert teacher.teacher.lr_decay == 'constant' and teacher.track.enabled
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist_latent', 'fashion_mnist_latent_teacher'])
+def test_latent_configs_name_the_shipped_autoencoder_and_fit_its_latents(name):
+  from gdistill import run_setup  # pylint: disable=g-import-not-at-top
+  config = load_config(name)
+  codec = run_setup.open_codec(config, (28, 28, 1))
+  assert not codec.is_identity and codec.model_shape() == SHAPES[name][0]
+  pixel = load_config('fashion_mnist')
+  # The pixel default's pipeline, so the two reports compare.
+  for key in ('stages', 'stage1', 'stage2', 'translate'):
+    if name == 'fashion_mnist_latent':
+      assert config[key] == pixel[key], key
+  assert config.eval.num_samples == pixel.eval.num_samples

@@ -160,3 +160,27 @@ def test_a_latent_run_trains_samples_evaluates_and_translates_in_images(tmp_path
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode != 0 and '(identity codec), but --model=' in proc.stderr
   assert not (tmp_path / 'x.npz').exists()
+
+
+def test_shipped_autoencoder_reconstructs_within_its_stated_error(fashion_data_dir):
+  """encode -> decode of the test images its sidecar's RMSE was measured on (python -m
+  gdistill.autoencoder: the evaluation's 1000-image subset, uint8 pixels / 255): within 1 %."""
+  from gdistill import teacher_file  # pylint: disable=g-import-not-at-top
+  from gdistill.config_base import config_file  # pylint: disable=g-import-not-at-top
+  from gdistill.data import open_source  # pylint: disable=g-import-not-at-top
+  from gdistill.eval import features, metrics  # pylint: disable=g-import-not-at-top
+  ae = codec.load(SHIPPED)
+  measured = teacher_file.read_info(SHIPPED)['measured']
+  assert ae.model_shape() == LATENT and tuple(ae.image_shape) == SHAPE
+  assert os.path.getsize(SHIPPED) + os.path.getsize(SHIPPED[:-len('.msgpack')] + '.json') <= 10e6
+  e = config_file(os.path.join(smoke_workdir.REPO, 'configs', 'fashion_mnist_autoencoder.py')).eval
+  source = open_source('fashion_mnist', split='test', data_dir=fashion_data_dir)
+  real = source.get(features.subset_indices(source.num_examples, e.num_samples, e.seed))['image']
+  x = real.astype(np.float32) / 127.5 - 1.0
+  round_trip = jax.jit(lambda b: ae.decode(ae.encode(b)))
+  recon = np.concatenate([np.asarray(round_trip(x[i:i + 250])) for i in range(0, len(x), 250)])
+  diff = metrics.quantize_uint8(recon).astype(np.float64) - real
+  rmse = float(np.sqrt(np.mean(diff ** 2)) / 255.0)
+  assert rmse <= 1.01 * measured['recon_rmse'], (rmse, measured)
+  latents = np.asarray(ae.encode(x[:500]))
+  assert 0.8 < latents.std() < 1.25, latents.std()  # its scale gives unit-variance latents

@@ -10,18 +10,11 @@ measurement for this teacher) and translation.
   python -m gdistill.main --config=examples/foreign_teacher/config.py --workdir=runs/foreign
 """
 
-import importlib.util
-import os
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location(
-    'fashion_mnist_config', os.path.join(_HERE, '..', '..', 'configs', 'fashion_mnist.py'))
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from gdistill.config_base import config_file
 
 
 def get_config():
-  c = _default.get_config()
+  c = config_file('../../configs/fashion_mnist.py', relative_to=__file__)
   c.stages = ('stage1', 'stage2', 'eval', 'translate')
   c.teacher.source = 'python:examples.foreign_teacher.factory:make_teacher'
   c.teacher_checkpoint = ''

@@ -63,13 +63,17 @@ def to_model_input(batch_uint8: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Converts ``{'image': uint8, 'label': int}`` to model inputs.
 
   Args:
-    batch_uint8: ``image`` uint8 ``[n, H, W, C]`` and ``label`` ``[n]``.
+    batch_uint8: ``image`` uint8 ``[n, H, W, C]`` and ``label`` ``[n]`` (a latent run's
+      float latents pass through: ``gdistill.data.latents``).
 
   Returns:
     ``{'image': float32 in [-1, 1], 'label': int32}``.
   """
-  image = np.asarray(batch_uint8['image'], np.float32) * np.float32(
-      2.0 / 255.0) - np.float32(1.0)
+  image = batch_uint8['image']
+  if image.dtype == np.uint8:
+    image = np.asarray(image, np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+  else:
+    image = np.asarray(image, np.float32)
   return {'image': image, 'label': np.asarray(batch_uint8['label'], np.int32)}
 
 

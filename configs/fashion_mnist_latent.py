@@ -1,0 +1,34 @@
+"""The embedded dataset in latent space: distils a guided U-Net trained on the latents of
+gdistill's own autoencoder (28x28x1 images <-> 7x7x4 latents), with the stock pipeline.
+
+  python -m gdistill.main --config=configs/fashion_mnist_latent.py --workdir=runs/latent
+
+The autoencoder (gdistill/weights/fashion_mnist_autoencoder.msgpack) was trained by
+configs/fashion_mnist_autoencoder.py, the latent teacher
+(gdistill/weights/fashion_mnist_latent_teacher.msgpack) by
+configs/fashion_mnist_latent_teacher.py. Every network, loss and sampler works on the
+latents (training batches are encoded on the fly inside the step; x-hat is never clipped
+there); sample grids, the evaluation (the same classifier features as the pixel run),
+the in-training FID and translation see decoded images. Stages, step budgets and the
+evaluation are the pixel default's (configs/fashion_mnist.py), so the two reports compare.
+"""
+
+from gdistill.config_base import config_file
+
+AUTOENCODER = 'gdistill/weights/fashion_mnist_autoencoder.msgpack'
+LATENT_TEACHER = 'gdistill/weights/fashion_mnist_latent_teacher.msgpack'
+
+
+def get_config():
+  c = config_file('fashion_mnist.py', relative_to=__file__)
+  c.codec.path = AUTOENCODER
+  # 7x7 latents: one resolution (no halving of an odd size), attention there, twice the
+  # pixel U-Net's width.
+  c.model.update(size='fmnist', ch=64, ch_mult=(1,), num_res_blocks=2, attn_resolutions=(7,),
+                 dropout=0.1, w_relative=True)
+  c.teacher_checkpoint = LATENT_TEACHER
+  # The pixel teacher's recipe (configs/fashion_mnist.py), for a latent teacher trained here.
+  c.teacher.update(num_steps=6000)
+  # The shipped teacher rows are the pixel teacher's: this run samples its own teacher's.
+  c.eval.teacher_rows = ''
+  return c
