@@ -174,7 +174,7 @@ def test_shipped_autoencoder_reconstructs_within_its_stated_error(fashion_data_d
   assert ae.model_shape() == LATENT and tuple(ae.image_shape) == SHAPE
   assert os.path.getsize(SHIPPED) + os.path.getsize(SHIPPED[:-len('.msgpack')] + '.json') <= 10e6
   e = config_file(os.path.join(smoke_workdir.REPO, 'configs', 'fashion_mnist_autoencoder.py')).eval
-  source = open_source('fashion_mnist', split='test', data_dir=fashion_data_dir)
+  source = open_source('fashion_mnist', split='test', data_dir=fashion_data_dir or None)
   real = source.get(features.subset_indices(source.num_examples, e.num_samples, e.seed))['image']
   x = real.astype(np.float32) / 127.5 - 1.0
   round_trip = jax.jit(lambda b: ae.decode(ae.encode(b)))
