@@ -28,7 +28,7 @@ def get_config():
                  dropout=0.1, w_relative=True)
   c.teacher_checkpoint = LATENT_TEACHER
   # The pixel teacher's recipe (configs/fashion_mnist.py), for a latent teacher trained here.
-  c.teacher.update(num_steps=6000)
+  c.teacher.update(num_steps=8000)
   # The shipped teacher rows are the pixel teacher's: this run samples its own teacher's.
   c.eval.teacher_rows = ''
   return c
