@@ -10,7 +10,9 @@ configs/fashion_mnist_latent_teacher.py. Every network, loss and sampler works o
 latents (training batches are encoded on the fly inside the step; x-hat is never clipped
 there); sample grids, the evaluation (the same classifier features as the pixel run),
 the in-training FID and translation see decoded images. Stages, step budgets and the
-evaluation are the pixel default's (configs/fashion_mnist.py), so the two reports compare.
+evaluation are the pixel default's (configs/fashion_mnist.py), so the two reports compare:
+27:50 on a fresh clone on the shared 2-core CPU (2026-12-03), 22 of 22 claims held against
+the latent teacher (docs/latent.md).
 """
 
 from gdistill.config_base import config_file
