@@ -184,3 +184,36 @@ def test_shipped_autoencoder_reconstructs_within_its_stated_error(fashion_data_d
   assert rmse <= 1.01 * measured['recon_rmse'], (rmse, measured)
   latents = np.asarray(ae.encode(x[:500]))
   assert 0.8 < latents.std() < 1.25, latents.std()  # its scale gives unit-variance latents
+
+
+def test_a_teacher_source_declares_its_own_codec(tmp_path):
+  """ForeignTeacher.codec (e.g. a FunctionCodec around Stable Diffusion's VAE) is the run's
+  codec; codec.path beside it is refused; its image shape must be the data's."""
+  import types  # pylint: disable=g-import-not-at-top
+  ae = codec.load(_codec_file(tmp_path))
+  fn_codec = codec.FunctionCodec(encode_fn=ae.encode_with, decode_fn=ae.decode_with,
+                                 params=ae.params, image_shape=SHAPE, latent_shape=LATENT,
+                                 name='my-vae')
+  foreign = types.SimpleNamespace(codec=fn_codec)
+  config = _smoke_config()
+  config.teacher.source = 'python:my.module:factory'
+  assert open_codec(config, SHAPE, foreign) is fn_codec
+  assert open_codec(config, SHAPE, types.SimpleNamespace(codec=None)) is codec.IDENTITY
+  with pytest.raises(ConfigError,
+                     match=r"teacher.source='python:my.module:factory': its codec takes images "
+                           r'of shape \[28, 28, 1\], the data \(fashion_mnist\) are \[32, 32, 3\]'):
+    open_codec(config, (32, 32, 3), foreign)
+  config.codec.path = 'ae.msgpack'
+  with pytest.raises(ConfigError, match=r"codec.path='ae.msgpack': a teacher.source teacher "
+                                        r'declares its own codec'):
+    open_codec(config, SHAPE, foreign)
+  # The store's codec and networks: the factory's, unclipped.
+  mesh = sharding.make_mesh({sharding.DATA_AXIS: -1})
+  store = ModelStore(str(tmp_path / 'w'), _smoke_config(), mesh=mesh, image_shape=LATENT,
+                     num_classes=10, codec=fn_codec)
+  assert store.codec_meta() == {'codec': {'kind': 'function', 'name': 'my-vae',
+                                          'image_shape': [28, 28, 1], 'latent_shape': [7, 7, 4],
+                                          'clip_x': False}}
+  x = jnp.zeros((2, *SHAPE))
+  np.testing.assert_allclose(np.asarray(fn_codec.decode(fn_codec.encode(x))),
+                             np.asarray(ae.decode(ae.encode(x))), atol=1e-6)
