@@ -101,7 +101,7 @@ def test_the_command_trains_measures_writes_and_keeps_the_codec(tmp_path, fashio
           f'--config.data.data_dir={fashion_data_dir}', '--config.autoencoder.num_steps=6',
           '--config.autoencoder.checkpoint_every=3', '--config.autoencoder.ch=8',
           '--config.autoencoder.scale_images=256', '--config.eval.num_samples=200',
-          '--config.eval.reference_examples=2000']
+          '--config.eval.reference_examples=2000', '--config.data.eval_split=test[:1000]']
   proc = _cli(*args, f'--output={out}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   info = teacher_file.read_info(str(out))

@@ -93,6 +93,7 @@ def _translate(*args):
                         timeout=300)
 
 
+@pytest.mark.slow  # 30 s; test_latent's exported student runs the same --model route
 def test_translate_with_one_file_models(tmp_path):
   shoes, boots = tmp_path / 'shoes.png', tmp_path / 'boots.png'
   proc = _sample(f'--model={demo.student_file(8)}', '--steps=8', '--w=1', '--class=sneaker',

@@ -109,8 +109,9 @@ def _signal_when_started(path, signum):
   return thread
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM,
-                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+# Slow (100 s each): the fast suite resumes after SIGKILL (test_pipeline), the harder case.
+@pytest.mark.slow
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_saves_the_step_reached_and_resume_matches(smoke, tmp_path, signum):
   """SIGTERM / SIGINT: the step in flight finishes, its checkpoint is written, the
   phase raises Preempted; resuming gives the uninterrupted run's parameters exactly."""

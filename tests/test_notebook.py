@@ -58,6 +58,7 @@ def test_committed_notebook_shows_the_result_and_keeps_the_pipeline_off():
   assert not any(o.get('output_type') == 'error' for o in _outputs(nb))
 
 
+@pytest.mark.slow  # 70 s; the fast suite checks the committed outputs and test_demo the calls
 def test_notebook_runs_headless_and_shows_the_result_first(monkeypatch):
   for key, value in smoke_workdir.subprocess_env().items():
     if os.environ.get(key) != value:

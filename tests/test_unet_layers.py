@@ -9,8 +9,11 @@ import pytest
 from gdistill.models import unet
 
 
-@pytest.mark.parametrize('shape,groups', [((4, 12, 12, 96), 32), ((3, 7, 7, 64), 32),
-                                          ((2, 5, 5, 16), 16), ((2, 9, 48), 8)])
+@pytest.mark.parametrize('shape,groups', [
+    ((4, 12, 12, 96), 32),  # 12 s each: one in the fast suite, the other shapes slow
+    pytest.param((3, 7, 7, 64), 32, marks=pytest.mark.slow),
+    pytest.param((2, 5, 5, 16), 16, marks=pytest.mark.slow),
+    pytest.param((2, 9, 48), 8, marks=pytest.mark.slow)])
 def test_group_norm_equals_flax_in_value_and_gradient(shape, groups):
   key = jax.random.PRNGKey(0)
   x = 3.0 * jax.random.normal(key, shape) + 1.5  # a mean the statistics must remove
