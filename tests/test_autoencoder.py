@@ -93,6 +93,7 @@ def _cli(*args, cwd=smoke_workdir.REPO):
                         timeout=600)
 
 
+@pytest.mark.slow  # 60 s: CI time
 def test_the_command_trains_measures_writes_and_keeps_the_codec(tmp_path, fashion_data_dir):
   """The real path, small: the loop on Fashion-MNIST, the measurement with the shipped
   classifier, the file and its copy; a rerun loads the finished phase and keeps the file."""

@@ -28,9 +28,6 @@ import pytest
 from gmm_teacher import GaussianMixtureTeacher
 from gdistill import denoiser, guidance, losses, samplers
 
-# Slow (about 110 s, most of it training the student once): run with -m slow.
-pytestmark = pytest.mark.slow
-
 SHAPE = (1, 1, 2)
 GM = GaussianMixtureTeacher(shape=SHAPE, s=0.25)
 _V = GM.networks()['v_cosine']

@@ -104,6 +104,7 @@ def test_a_bad_codec_path_is_one_line_naming_the_key(tmp_path):
   assert open_codec(_smoke_config(), SHAPE) is codec.IDENTITY
 
 
+@pytest.mark.slow  # 2 minutes: CI time (configs/fashion_mnist_latent.py was run as written)
 def test_a_latent_run_trains_samples_evaluates_and_translates_in_images(tmp_path,
                                                                         fashion_data_dir):
   """The stock pipeline on a (random, tiny) autoencoder's latents, as the user runs it

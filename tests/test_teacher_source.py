@@ -63,6 +63,7 @@ def _main(workdir, *args, data_dir=''):
       cwd=smoke_workdir.REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # 60 s: CI time; the example run measures this path at full size
 def test_the_stock_pipeline_distils_a_foreign_teacher(tmp_path, fashion_data_dir):
   """Stage 1 and the halvings 8 -> 2 steps of a foreign (NCHW, integer-time, eps, null 0)
   teacher; the rerun finds every phase finished."""
