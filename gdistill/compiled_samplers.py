@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gdistill import guidance, samplers, sharding as sharding_lib, xla_options
+from gdistill import consistency, guidance, methods, samplers, sharding as sharding_lib
+from gdistill import xla_options
 
 
 def make_sample_fn(net, *, mode: str, sampler: str, codec=None):
@@ -28,19 +29,26 @@ def make_sample_fn(net, *, mode: str, sampler: str, codec=None):
       ``clip_x`` whether x_hat is clipped, ``guided_clip`` where the guided teacher's is);
       ``label`` is its condition (any pytree).
     mode: ``guided`` (teacher, 2 network evaluations per step), ``student``
-      (w-conditioned network, 1 per step) or ``conditional`` (teacher without
-      guidance, w ignored, 1 per step).
-    sampler: ``ddim`` or ``stochastic``.
+      (w-conditioned network, 1 per step), ``conditional`` (teacher without
+      guidance, w ignored, 1 per step) or ``consistency`` (a consistency student's
+      function, ``gdistill.consistency``, 1 per step).
+    sampler: ``ddim``, ``stochastic`` or ``consistency`` (multistep consistency sampling;
+      the one sampler of mode ``consistency``).
     codec: a ``gdistill.codec`` that is not the identity: ``params`` is then the pair
       (network params, codec params) and the samples come out decoded to images, clipped
       to [-1, 1] (``WithCodec`` passes the pair).
   """
-  if mode not in ('guided', 'student', 'conditional'):
-    raise ValueError(f'mode={mode!r}: expected guided, student or conditional')
+  if mode not in methods.NFE_PER_STEP:
+    raise ValueError(f'mode={mode!r}: expected one of {tuple(methods.NFE_PER_STEP)}')
+  if (mode == 'consistency') != (sampler == 'consistency'):
+    raise ValueError(f'mode={mode!r} with sampler={sampler!r}: a consistency student samples '
+                     f'with the consistency sampler, and only it')
 
   def sample(params, label, w, z_1, num_steps, rng):
     if mode == 'guided':
       denoise = guidance.guided_teacher_denoise_fn(net, params=params, cond=label, w=w)
+    elif mode == 'consistency':
+      denoise = consistency.consistency_fn(net, params=params, cond=label, w=w)
     else:
       denoise = guidance.conditional_denoise_fn(net, params=params, cond=label,
                                                 w=w if mode == 'student' else None)
@@ -98,8 +106,8 @@ class AotSampler:
 
 
 def nfe_per_step(mode: str) -> int:
-  """Network evaluations per sampling step."""
-  return 2 if mode == 'guided' else 1
+  """Network evaluations per sampling step (``methods.NFE_PER_STEP``)."""
+  return methods.NFE_PER_STEP[mode]
 
 
 def class_grid(sample_fn, params, *, num_classes: int, per_class: int, image_shape, w: float,

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from gdistill import diffusion, run_plan, sharding
+from gdistill import diffusion, losses, methods, run_plan, sharding
 from gdistill.eval import plan
 from gdistill.models import registry, unet
-from gdistill.samplers import SAMPLERS
 from gdistill.denoiser import GUIDED_CLIPS
 
-KNOWN_STAGES = ('teacher', 'stage1', 'stage2', 'eval', 'translate')
+# The training stages in the methods registry's order, then the evaluation and translation
+# (which also trains the distilled encoders): teacher, stage1, stage2, consistency, eval,
+# translate.
+KNOWN_STAGES = tuple(dict.fromkeys(
+    m.stage for m in methods.METHODS.values() if m.stage != 'translate')) + ('eval', 'translate')
 PRECISIONS = ('float32', 'bfloat16')
+STUDENT_SAMPLERS = ('ddim', 'stochastic')  # the samplers of stage-2 students' rows
 
 
 class ConfigError(ValueError):
@@ -107,6 +111,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     _err('stage2.time_grid', config.stage2.time_grid, '"deterministic" or "both"')
   _validate_num_steps_for('stage2', config.stage2, run_plan.halvings(start, smallest))
 
+  if 'consistency' in stages:
+    _validate_consistency(config, num_devices=num_devices, num_processes=num_processes)
   if 'translate' in stages:
     _validate_translate(config, num_devices=num_devices, num_processes=num_processes)
   if config.track.enabled:
@@ -114,6 +120,26 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   if 'eval' in stages:
     # Here, not when the sweep starts: a bad eval key must not wait for training to end.
     validate_eval(config, num_devices=num_devices)
+
+
+def _validate_consistency(config, *, num_devices, num_processes) -> None:
+  """The ``consistency`` section (gdistill/consistency.py)."""
+  cd = config.get('consistency')
+  if cd is None:
+    _err('consistency', None, 'a consistency section (config_base.base_config has one)')
+  _validate_optimisation('consistency', cd, num_devices=num_devices, num_processes=num_processes)
+  for key in ('solver', 'init'):
+    if cd[key] not in ('stage1', 'teacher'):
+      _err(f'consistency.{key}', cd[key], "'stage1' or 'teacher'")
+  _positive_int('consistency.grid_steps', cd.grid_steps)
+  _positive_int('consistency.skip', cd.skip)
+  if cd.skip > cd.grid_steps:
+    _err('consistency.skip', cd.skip, f'at most consistency.grid_steps={cd.grid_steps}')
+  if cd.distance not in losses.DISTANCES:
+    _err('consistency.distance', cd.distance, f'one of {losses.DISTANCES}')
+  steps = tuple(cd.sample_steps)
+  if not steps or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
+    _err('consistency.sample_steps', steps, 'a non-empty tuple of positive step counts')
 
 
 def _validate_model(m: dict, image_shape) -> None:
@@ -338,8 +364,8 @@ def validate_eval(config, *, num_devices: Optional[int] = None) -> None:
   if not models or any(m not in plan.MODELS for m in models):
     _err('eval.models', models, f'a non-empty subset of {plan.MODELS}')
   samplers = tuple(e.samplers)
-  if 'student' in models and (not samplers or any(s not in SAMPLERS for s in samplers)):
-    _err('eval.samplers', samplers, f'a non-empty subset of {SAMPLERS}')
+  if 'student' in models and (not samplers or any(s not in STUDENT_SAMPLERS for s in samplers)):
+    _err('eval.samplers', samplers, f'a non-empty subset of {STUDENT_SAMPLERS}')
   _positive_ints('teacher_steps', e.teacher_steps, allow_empty='teacher' not in models)
   _positive_ints('teacher_ddim_steps', e.teacher_ddim_steps,
                  allow_empty='teacher_ddim' not in models)

@@ -22,8 +22,8 @@ from typing import Optional
 import jax
 import ml_collections
 
-from gdistill import (checkpoint, compiled_samplers, denoiser, noise_paths, run_plan, sharding,
-                      storage, teacher_file, teacher_source, xla_options)
+from gdistill import (checkpoint, compiled_samplers, denoiser, methods, noise_paths, run_plan,
+                      sharding, storage, teacher_file, teacher_source, xla_options)
 from gdistill.checkpoint import CheckpointError
 from gdistill.metric_writer import log
 from gdistill.networks import (init_params, make_net, model_kwargs, param_count,
@@ -144,7 +144,7 @@ class ModelStore:
         f'({param_count(params) / 1e6:.2f}M parameters)')
     return store, Model(phase=info.get('phase') or os.path.basename(path),
                         net=store.denoiser(use_w=use_w), params=params, meta=meta,
-                        mode='student' if use_w else 'guided')
+                        mode=_mode(info.get('phase'), use_w))
 
   # ---- which phases exist --------------------------------------------------------
 
@@ -378,7 +378,7 @@ class ModelStore:
     parsed = run_plan.parse_phase_name(phase)
     if parsed is None:
       raise CheckpointError(f'{phase!r} is not a phase name (expected teacher, stage1, '
-                            f'stage2_nNNNN or encoder_nNNNN)')
+                            f'stage2_nNNNN, consistency or encoder_nNNNN)')
     use_w = parsed[0] != run_plan.TEACHER
     if phase == run_plan.TEACHER and self.source:
       self.check_foreign()
@@ -407,16 +407,18 @@ class ModelStore:
                                                  expect=self.expected_meta(use_w=use_w))
     log(f'loaded {phase} from {directory} ({param_count(params) / 1e6:.2f}M parameters)')
     return Model(phase=phase, net=self.denoiser(use_w=use_w), params=params, meta=meta,
-                 mode='student' if use_w else 'guided')
+                 mode=_mode(phase, use_w))
 
-  def sampler(self, mode: str, sampler: str = 'ddim'):
-    """The compiled sampler of ``mode`` (``guided``/``student``) and kind, made once:
+  def sampler(self, mode: str, sampler: str = ''):
+    """The compiled sampler of ``mode`` (``guided``/``student``/``consistency``) and kind
+    ('': ``consistency`` for that mode, else ``ddim``), made once:
     ``fn(params, label, w, z_1, num_steps, rng) -> images`` (a latent run's decoded)."""
+    sampler = sampler or ('consistency' if mode == 'consistency' else 'ddim')
     key = (mode, sampler)
     if key not in self._samplers:
       codec = self.codec
       fn = compiled_samplers.AotSampler(compiled_samplers.make_sample_fn(
-          self.denoiser(use_w=mode == 'student'), mode=mode, sampler=sampler,
+          self.denoiser(use_w=mode != 'guided'), mode=mode, sampler=sampler,
           codec=None if codec.is_identity else codec),
           name=f'{mode}/{sampler}', log=log, compile_options=self.compile_options)
       if not codec.is_identity:
@@ -431,6 +433,14 @@ class ModelStore:
     if not hasattr(self, '_codec_params'):
       self._codec_params = jax.device_put(self.codec.params, sharding.replicated(self.mesh))
     return self._codec_params
+
+
+def _mode(phase, use_w: bool) -> str:
+  """How a phase's model samples (``methods``): its kind's mode, else by its w input."""
+  parsed = run_plan.parse_phase_name(phase or '')
+  if parsed is not None and methods.method(parsed[0]).mode:
+    return methods.method(parsed[0]).mode
+  return 'student' if use_w else 'guided'
 
 
 def codec_for(config, foreign=None):

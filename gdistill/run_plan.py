@@ -5,7 +5,8 @@ A phase is one training run of the loop, saved under ``workdir/checkpoints/<name
   teacher          the classifier-free-guided teacher (guided DDIM, 2 evaluations a step);
   stage1           the w-conditioned student that matches the guided teacher;
   stage2_nNNNN     the N-step student of progressive distillation (one per halving);
-  encoder_nNNNN    the N-step distilled DDIM encoder (for translation).
+  encoder_nNNNN    the N-step distilled DDIM encoder (for translation);
+  consistency      guided consistency distillation's student (multistep sampling, any N).
 
 Each phase knows its kind, its student step count, which phase is its teacher (the
 frozen model it distils) and which samplers and step counts it serves. The driver,
@@ -17,31 +18,36 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-TEACHER, STAGE1, STAGE2, ENCODER = 'teacher', 'stage1', 'stage2', 'encoder'
-KINDS = (TEACHER, STAGE1, STAGE2, ENCODER)
-_PREFIX = {STAGE2: 'stage2_n', ENCODER: 'encoder_n'}
-_NAME = re.compile(r'^(stage2|encoder)_n(\d{4,})$')
+from gdistill import methods
+from gdistill.methods import CONSISTENCY, ENCODER, KINDS, STAGE1, STAGE2, TEACHER
+
+_PREFIX = {k: m.prefix for k, m in methods.METHODS.items() if m.prefix}
+_SINGLE = tuple(k for k, m in methods.METHODS.items() if not m.prefix)
+_NAME = re.compile(r'^(%s)(\d{4,})$' % '|'.join(re.escape(p) for p in _PREFIX.values()))
+_KIND_OF_PREFIX = {p: k for k, p in _PREFIX.items()}
 ANY = None  # ``serves`` step count: any number of steps
+# The step counts a consistency student is evaluated at when no config says otherwise.
+CONSISTENCY_STEPS = (1, 2, 4, 8)
 
 
 def phase_name(kind: str, student_steps: Optional[int] = None) -> str:
-  """``teacher``, ``stage1``, ``stage2_n0004``, ``encoder_n0008``."""
-  if kind in (TEACHER, STAGE1):
+  """``teacher``, ``stage1``, ``consistency``, ``stage2_n0004``, ``encoder_n0008``."""
+  if kind in _SINGLE:
     return kind
   if kind not in _PREFIX or not isinstance(student_steps, int) or student_steps < 1:
     raise ValueError(f'phase_name({kind!r}, {student_steps!r}): expected a kind of {KINDS} '
-                     f'and, for stage2/encoder, a positive step count')
+                     f'and, for {"/".join(_PREFIX)}, a positive step count')
   return f'{_PREFIX[kind]}{student_steps:04d}'
 
 
 def parse_phase_name(name: str) -> Optional[tuple[str, Optional[int]]]:
   """(kind, student steps) of a phase directory's name, or None if it names no phase."""
-  if name in (TEACHER, STAGE1):
+  if name in _SINGLE:
     return name, None
   m = _NAME.match(name)
-  return (m.group(1), int(m.group(2))) if m else None
+  return (_KIND_OF_PREFIX[m.group(1)], int(m.group(2))) if m else None
 
 
 def halvings(start_steps: int, min_steps: int) -> list[int]:
@@ -67,6 +73,9 @@ class PhaseSpec:
     stage: the ``config.stages`` entry that trains it (``translate`` for encoders).
     fine_grid: a stage-2 student trained on the 1/(2N) grid (``stage2.time_grid='both'``),
       so it also serves the stochastic sampler at 2N steps.
+    init_from: the phase whose parameters it starts from, when not ``teacher`` (a
+      consistency student that starts from stage 1 but distils the guided teacher).
+    sample_steps: the step counts a consistency student samples with.
   """
   name: str
   kind: str
@@ -74,11 +83,22 @@ class PhaseSpec:
   teacher: Optional[str]
   stage: str
   fine_grid: bool = True
+  init_from: Optional[str] = None
+  sample_steps: tuple[int, ...] = ()
+
+  @property
+  def method(self) -> methods.Method:
+    return methods.method(self.kind)
+
+  @property
+  def start_from(self) -> Optional[str]:
+    """The phase whose parameters it starts from (None: random)."""
+    return self.init_from or self.teacher
 
   def section(self, config):
     """The config section that trains it (``teacher``, ``stage1``, ``stage2``,
-    ``translate.encoder``)."""
-    return config.translate.encoder if self.kind == ENCODER else config[self.kind]
+    ``consistency``, ``translate.encoder``)."""
+    return methods.section(config, self.kind)
 
   def num_steps(self, config) -> int:
     """Its training steps: the section's ``num_steps``, or the section's
@@ -89,12 +109,13 @@ class PhaseSpec:
   @property
   def use_w(self) -> bool:
     """Whether the network takes the guidance weight w as an input."""
-    return self.kind != TEACHER
+    return self.method.uses_w
 
   @property
   def mode(self) -> str:
-    """How it samples: ``guided`` (2 evaluations a step) or ``student`` (1)."""
-    return 'guided' if self.kind == TEACHER else 'student'
+    """How it samples (``methods``): ``guided`` (2 evaluations a step), ``student`` or
+    ``consistency`` (1)."""
+    return self.method.mode or 'student'
 
   @property
   def serves(self) -> tuple[tuple[str, Optional[int]], ...]:
@@ -109,6 +130,8 @@ class PhaseSpec:
     if self.kind == STAGE2:
       stochastic = (('stochastic', 2 * self.student_steps),) if self.fine_grid else ()
       return (('ddim', self.student_steps),) + stochastic
+    if self.kind == CONSISTENCY:  # multistep consistency sampling
+      return tuple(('consistency', n) for n in self.sample_steps)
     return (('encode', self.student_steps),)
 
 
@@ -157,6 +180,11 @@ class RunPlan:
         return p
     return None
 
+  def distilled(self) -> list[PhaseSpec]:
+    """The phases whose models the evaluation rows sample besides the teacher's
+    (stage-2 students, consistency students), in plan order."""
+    return [p for p in self.phases if p.kind != TEACHER and p.method.row_model]
+
   def stochastic_steps(self) -> list[int]:
     """Step counts the stochastic sampler is served at by a distilled student."""
     return [n for p in self.of_kind(STAGE2) for s, n in p.serves if s == 'stochastic']
@@ -177,30 +205,48 @@ def _chain(kind: str, counts: list[int], first_teacher: str, stage: str,
   return out
 
 
+def consistency_phase(*, solver: str = STAGE1, init: str = STAGE1,
+                      sample_steps: Sequence[int] = CONSISTENCY_STEPS) -> PhaseSpec:
+  """The consistency student: distils ``solver``'s guided DDIM steps (``teacher`` or
+  ``stage1``), starts from ``init``'s parameters, samples at ``sample_steps``."""
+  return PhaseSpec(CONSISTENCY, CONSISTENCY, None, solver, 'consistency',
+                   init_from=None if init == solver else init,
+                   sample_steps=tuple(int(n) for n in sample_steps))
+
+
 def build(*, stage2_start: int, stage2_min: int, encoder_start: Optional[int] = None,
-          encoder_min: Optional[int] = None, stage2_fine_grid: bool = True) -> RunPlan:
+          encoder_min: Optional[int] = None, stage2_fine_grid: bool = True,
+          consistency: Optional[PhaseSpec] = None) -> RunPlan:
   """The plan of halvings: stage-2 students from ``stage2_start`` (the stage-1 model
   sampled at that many steps is their first teacher) down to ``stage2_min``, trained on
-  the finer grid unless ``stage2_fine_grid`` is False; with ``encoder_start``, distilled
-  encoders likewise."""
+  the finer grid unless ``stage2_fine_grid`` is False; then ``consistency`` (a
+  ``consistency_phase``), if given; with ``encoder_start``, distilled encoders likewise."""
   phases = [PhaseSpec(TEACHER, TEACHER, None, None, 'teacher'),
             PhaseSpec(STAGE1, STAGE1, None, TEACHER, 'stage1')]
   phases += _chain(STAGE2, halvings(stage2_start, stage2_min), STAGE1, 'stage2',
                    stage2_fine_grid)
+  if consistency is not None:
+    phases.append(consistency)
   if encoder_start is not None:
     phases += _chain(ENCODER, halvings(encoder_start, encoder_min), STAGE1, 'translate')
   return RunPlan(tuple(phases))
 
 
 def from_config(config) -> RunPlan:
-  """The plan of a config: its stage-2 halvings and, when translation distils an
-  encoder (``translate.distill_encoder``), the encoder halvings."""
+  """The plan of a config: its stage-2 halvings, the consistency student when
+  ``config.stages`` has ``consistency`` and, when translation distils an encoder
+  (``translate.distill_encoder``), the encoder halvings."""
   t = config.get('translate')
   distill = t is not None and t.get('distill_encoder', False)
+  cd = config.get('consistency')
+  consistency = None
+  if CONSISTENCY in tuple(config.get('stages', ())) and cd is not None:
+    consistency = consistency_phase(solver=cd.solver, init=cd.init,
+                                    sample_steps=cd.sample_steps)
   return build(stage2_start=config.stage2.start_steps, stage2_min=config.stage2.min_steps,
                encoder_start=t.encoder_start_steps if distill else None,
                encoder_min=t.encoder_min_steps if distill else None,
-               stage2_fine_grid=fine_grid(config))
+               stage2_fine_grid=fine_grid(config), consistency=consistency)
 
 
 def fine_grid(config) -> bool:
@@ -221,6 +267,8 @@ def from_names(names: Iterable[str], stage2_fine_grid: bool = True) -> RunPlan:
       phases.append(PhaseSpec(name, kind, None, None, 'teacher'))
     elif kind == STAGE1:
       phases.append(PhaseSpec(name, kind, None, TEACHER, 'stage1'))
+    elif kind == CONSISTENCY:
+      phases.append(consistency_phase())
     else:
       phases.append(PhaseSpec(name, kind, n, previous[kind],
                               'stage2' if kind == STAGE2 else 'translate', stage2_fine_grid))

@@ -186,7 +186,7 @@ def test_only_the_commands_import_the_driver():
 
 
 def test_one_owner_of_phase_names():
-  """No module but run_plan spells the stage-2 or encoder directory prefix."""
+  """No module but the methods registry spells the stage-2 or encoder directory prefix."""
   owners = []
   for root, _, files in os.walk(GDISTILL):
     for name in files:
@@ -195,4 +195,4 @@ def test_one_owner_of_phase_names():
           text = f.read()
         if "'stage2_n'" in text or "'encoder_n'" in text or 'stage2_n{' in text:
           owners.append(name)
-  assert owners == ['run_plan.py'], owners
+  assert owners == ['methods.py'], owners

@@ -2,9 +2,11 @@
 
 A setting is (model, steps, sampler, w). NFE is counted as the paper does
 (METHOD.md section 8): a guided teacher step costs 2 network evaluations, a
-distilled student step 1. Which student serves which sampler at which step
-count is the run plan's (``gdistill.run_plan.PhaseSpec.serves``: the stochastic
-sampler at N steps is served by the N/2-step student).
+distilled student step 1 (``gdistill.methods`` owns the modes and their NFE). Which
+model serves which sampler at which step count is the run plan's
+(``gdistill.run_plan.PhaseSpec.serves``: the stochastic sampler at N steps is served by
+the N/2-step student, multistep consistency sampling at every N by the consistency
+student).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from gdistill import methods
 from gdistill.run_plan import PhaseSpec
 
-MODELS = ('teacher', 'teacher_ddim', 'student')
+MODELS = methods.ROW_MODELS  # teacher, teacher_ddim, student, consistency
 FEATURE_NETS = ('auto', 'classifier', 'inception')
 CLASSIFIER_DATASETS = ('fashion_mnist', 'mnist')
 IS_SPLITS = 10
@@ -31,9 +34,10 @@ class Setting:
 
   Attributes:
     model: ``teacher`` (guided DDIM, reference step counts), ``teacher_ddim``
-      (the same sampler at few steps: the baseline) or ``student``.
+      (the same sampler at few steps: the baseline), ``student`` (progressive
+      distillation) or ``consistency`` (consistency distillation).
     steps: sampling steps N.
-    sampler: ``ddim`` or ``stochastic``.
+    sampler: ``ddim``, ``stochastic`` or ``consistency``.
     w: guidance weight.
     phase: checkpoint phase the parameters come from (``teacher``, ``stage2_n0008``).
   """
@@ -45,12 +49,12 @@ class Setting:
 
   @property
   def mode(self) -> str:
-    """The ``sampling.make_sample_fn`` mode."""
-    return 'student' if self.model == 'student' else 'guided'
+    """The ``compiled_samplers.make_sample_fn`` mode."""
+    return methods.mode_of_row(self.model)
 
   @property
   def nfe(self) -> int:
-    return self.steps * (1 if self.model == 'student' else 2)
+    return methods.nfe(self.mode, self.steps)
 
   @property
   def key(self) -> tuple:
@@ -81,9 +85,10 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
     teacher_steps: step counts of the guided-DDIM teacher reference rows.
     teacher_ddim_steps: few-step counts of the teacher baseline (a count also in
       ``teacher_steps`` is run once, as ``teacher``).
-    students: the stage-2 phases to evaluate; each gives a row for every sampler
-      of ``samplers`` it serves (``PhaseSpec.serves``).
-    samplers: samplers of the student rows.
+    students: the distilled phases to evaluate (stage-2 and consistency students); each
+      gives a row for every (sampler, steps) it serves (``PhaseSpec.serves``), a stage-2
+      student's only for the samplers of ``samplers``.
+    samplers: samplers of the stage-2 student rows.
     expensive_nfe: rows with NFE above this run only at ``expensive_w``; 0 means no limit.
     expensive_w: the guidance weights of the expensive rows.
   """
@@ -96,11 +101,13 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
     ws = rich_w if expensive_nfe and s0.nfe > expensive_nfe else cheap_w
     out.extend(dataclasses.replace(s0, w=w) for w in ws)
 
-  if 'student' in models:
-    for spec in sorted(students, key=lambda p: p.student_steps):
-      for sampler, steps in spec.serves:
-        if sampler in samplers:
-          add('student', steps, sampler, spec.name)
+  for spec in sorted(students, key=lambda p: (p.student_steps is None, p.student_steps or 0)):
+    model = spec.method.row_model
+    if model not in models:
+      continue
+    for sampler, steps in spec.serves:
+      if model != 'student' or sampler in samplers:
+        add(model, steps, sampler, spec.name)
   reference = sorted(set(_ints(teacher_steps))) if 'teacher' in models else []
   if 'teacher_ddim' in models:
     for n in sorted(set(_ints(teacher_ddim_steps)) - set(reference)):
@@ -113,12 +120,19 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
 def plan_from_config(eval_config, students: Sequence[PhaseSpec]) -> list[Setting]:
   """``build_plan`` with the eval section's keys.
 
-  ``students``: the finished stage-2 phases; the config's ``student_steps`` (empty:
-  all) selects among them.
+  ``students``: the finished distilled phases; the config's ``student_steps`` (empty:
+  all) selects among the stage-2 students and the consistency student's step counts.
   """
   e = eval_config
   wanted = set(_ints(e.student_steps))
-  chosen = [p for p in students if not wanted or p.student_steps in wanted]
+  chosen = []
+  for p in students:
+    if p.student_steps is None and p.sample_steps:  # one model, many step counts
+      steps = tuple(n for n in p.sample_steps if not wanted or n in wanted)
+      if steps:
+        chosen.append(dataclasses.replace(p, sample_steps=steps))
+    elif not wanted or p.student_steps in wanted:
+      chosen.append(p)
   return build_plan(w_values=e.w_values, models=e.models, teacher_steps=e.teacher_steps,
                     teacher_ddim_steps=e.teacher_ddim_steps, students=chosen,
                     samplers=e.samplers, expensive_nfe=e.expensive_nfe,
