@@ -57,6 +57,15 @@ def get_config():
                   lr_decay='linear', checkpoint_every=50, start_steps=64, min_steps=1,
                   time_grid='deterministic', w_balance=True,
                   num_steps_for=((8, 400), (4, 300), (2, 75), (1, 75)))
+  # Guided consistency distillation (stage `consistency`, beside or instead of stage2):
+  # from stage 1, with stage 1's own guided DDIM step (2/64) as the solver, the budget of
+  # the halvings above (1150 steps of 64 images), w drawn as in stage 1 and balanced as in
+  # stage 2; multistep consistency sampling at 1, 2, 4 and 8 steps.
+  c.consistency.update(num_steps=1150, batch_size=64, learning_rate=2e-4, warmup_steps=0,
+                       lr_decay='linear', checkpoint_every=50, ema_decay=0.95,
+                       solver='stage1', init='stage1', grid_steps=64, skip=2,
+                       distance='pseudo_huber', w_balance=True, w_min_frac=0.25,
+                       sample_steps=(1, 2, 4, 8))
   c.samples.update(per_class=8, teacher_steps=64, teacher_w=1.0, student_w=(0.0, 1.0, 4.0))
   # The stage-1 model encodes with 32 DDIM steps and the 4- and 8-step students decode
   # (distilling the encoder 32 -> 16 -> 8 -> 4 cost about 7 minutes on the 2-core CPU:

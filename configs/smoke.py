@@ -14,6 +14,8 @@ def get_config():
   c.log_every = 2
   for name, steps in (('teacher', 6), ('stage1', 4), ('stage2', 2)):
     getattr(c, name).update(num_steps=steps, batch_size=16, warmup_steps=1, checkpoint_every=2)
+  c.consistency.update(num_steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2,
+                       grid_steps=8, skip=2, sample_steps=(1, 2))
   c.stage2.start_steps = 8
   c.stage2.min_steps = 2
   c.samples.update(per_class=1, teacher_steps=4, student_w=(0.0, 2.0))

@@ -9,6 +9,24 @@ import ml_collections
 
 PHASE_STAGES = ('teacher', 'stage1', 'stage2')
 
+# Guided consistency distillation (stage `consistency`, gdistill/consistency.py): the keys
+# besides the optimiser's, with their defaults (workdir.ADDED reads them too: workdirs
+# recorded before the method behave as these).
+CONSISTENCY_KEYS = dict(
+    # The guided ODE solver whose DDIM step makes the target: 'stage1' (the stage-1
+    # student at w, 1 network evaluation) or 'teacher' (the guided teacher, 2).
+    solver='stage1',
+    # The phase the student starts from: 'stage1' (a copy) or 'teacher' (its weights
+    # plus a zero-initialised w branch, as stage 1 starts).
+    init='stage1',
+    # The solver's time grid t_n = n / grid_steps and the skip k: the target is one DDIM
+    # step of k / grid_steps (LCM's skipping-step solver).
+    grid_steps=64, skip=2,
+    # 'pseudo_huber' (iCT) or 'l2'; w_balance / w_min_frac: as stage 1's.
+    distance='pseudo_huber', w_balance=False, w_min_frac=0.0,
+    # Multistep consistency sampling's step counts: the grids and evaluation rows.
+    sample_steps=(1, 2, 4, 8))
+
 
 def _optim(**kw) -> ml_collections.ConfigDict:
   d = dict(num_steps=1000, batch_size=128, learning_rate=2e-4, warmup_steps=100,
@@ -56,7 +74,7 @@ def config_file(path: str, *, relative_to: str = '') -> ml_collections.ConfigDic
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Stages the driver runs in order. Training stages: teacher, stage1, stage2;
+  # Stages the driver runs in order. Training stages: teacher, stage1, stage2, consistency;
   # then eval (FID/IS sweep) and translate (image-to-image grids).
   c.stages = ('teacher', 'stage1', 'stage2')
   # A finished teacher to distil instead of training one: a workdir or its
@@ -145,6 +163,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage2.num_steps_for = ()
   c.stage2.time_grid = 'both'  # or 'deterministic'
   c.stage2.w_balance = False  # as stage1.w_balance, for each halving's loss
+  # Guided consistency distillation (stage `consistency`, beside or instead of stage2):
+  # one student for every step count (CONSISTENCY_KEYS above). ema_decay: the EMA target
+  # network's (LCM: 0.95), which is also the model sampled.
+  c.consistency = _optim(num_steps=1000, learning_rate=1e-4, warmup_steps=0,
+                         lr_decay='linear', ema_decay=0.95, dropout=0.0)
+  del c.consistency['weighting']  # its loss is `distance`, unweighted
+  c.consistency.update(CONSISTENCY_KEYS)
 
   # Sample grids written when a phase finishes: a row per class.
   c.samples = ml_collections.ConfigDict(dict(
@@ -196,14 +221,16 @@ def base_config() -> ml_collections.ConfigDict:
   #   student       every finished stage-2 student (student_steps, () = all) with each
   #                 sampler: ddim at its own N steps, stochastic at 2N steps (the paper's
   #                 sampler takes jumps of 1/N on the 1/(2N) grid the N-step student was
-  #                 trained on); 1 NFE per step.
+  #                 trained on); 1 NFE per step;
+  #   consistency   the finished consistency student, multistep consistency sampling at
+  #                 each consistency.sample_steps (in student_steps, () = all); 1 NFE per step.
   # Rows with more NFE than expensive_nfe (0: no limit) run only at w in expensive_w.
   # The same labels (i mod K) and noise serve every row; finished rows are kept in
   # DIR/eval/report.json and reused when the sweep is rerun or extended.
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, batch_size=200, seed=0,  # batch: splits over 1, 2, 4, 8 devices
       w_values=(0.0, 0.3, 1.0, 2.0, 4.0),
-      models=('teacher', 'teacher_ddim', 'student'),
+      models=('teacher', 'teacher_ddim', 'student', 'consistency'),
       teacher_steps=(256, 64), teacher_ddim_steps=(1, 2, 4, 8, 16), student_steps=(),
       samplers=('ddim', 'stochastic'),
       expensive_nfe=0, expensive_w=(0.0, 1.0),

@@ -7,7 +7,9 @@ and the end-of-phase hook; what is trained is entirely in ``Phase``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 import zlib
 from typing import Any, Callable, Optional
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import checkpoint, preemption, sharding, xla_options
+from gdistill import checkpoint, preemption, sharding, storage, xla_options
 from gdistill.data import train_batches
 from gdistill.metric_writer import MetricWriter, Progress, RunProgress, log
 from gdistill.train_state import TrainState
@@ -218,6 +220,45 @@ class _Metrics:
     return out
 
 
+COST_FILE = 'train_cost.json'
+
+
+class TrainCost:
+  """Each phase's training cost in ``WORKDIR/train_cost.json``: {phase: {steps,
+  images, seconds}}, written with each checkpoint (process 0). ``seconds`` is the wall
+  time of its steps (compilation, data and checkpoints included, in-training evaluation
+  not), summed over the invocations that trained it up to the step saved; what the
+  report puts beside each method's rows."""
+
+  def __init__(self, workdir: str, phase: Phase, step: int):
+    self.path = os.path.join(workdir, COST_FILE)
+    self.phase, self.t0, self.excluded = phase, time.perf_counter(), 0.0
+    self.before = float(read_costs(workdir).get(phase.name, {}).get('seconds', 0.0)) \
+        if step else 0.0
+
+  def exclude(self, seconds: float) -> None:
+    self.excluded += seconds
+
+  def record(self, step: int) -> None:
+    if jax.process_index() != 0:
+      return
+    costs = read_costs(os.path.dirname(self.path))
+    seconds = self.before + time.perf_counter() - self.t0 - self.excluded
+    costs[self.phase.name] = {'steps': int(step), 'batch_size': int(self.phase.batch_size),
+                              'images': int(step) * int(self.phase.batch_size),
+                              'seconds': round(seconds, 1)}
+    storage.write_text(self.path, json.dumps(costs, indent=1, sort_keys=True) + '\n')
+
+
+def read_costs(workdir: str) -> dict:
+  """``WORKDIR/train_cost.json`` ({} if absent or unreadable)."""
+  path = os.path.join(workdir, COST_FILE)
+  try:
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+  except (OSError, ValueError):
+    return {}
+
+
 def run_phase(phase: Phase, ctx: LoopContext):
   """Runs (or resumes, or just loads) a phase to ``num_steps``; returns its final
   sampling parameters (the EMA if kept).
@@ -279,6 +320,7 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
   update = compile_step(phase, ctx, state, batch, rng)
   progress = Progress(name=phase.name, start_step=step, total_steps=phase.num_steps,
                       run=ctx.run)
+  cost = TrainCost(ctx.workdir, phase, step)
   metrics = _Metrics(phase, step, ctx.dispatch_depth)
   while step < phase.num_steps:
     metrics.bound()
@@ -303,9 +345,11 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
     if last:
       checkpoint.save_final(mgr, step, state, phase.meta,
                             keep_train_state=ctx.keep_train_state)
+      cost.record(step)
     elif step % phase.checkpoint_every == 0 or stopping:
       metrics.fetch()  # never a checkpoint of non-finite parameters
       checkpoint.save(mgr, step, state, phase.meta)
+      cost.record(step)
     if stopping:
       mgr.wait_until_finished()
       raise preemption.Preempted(
@@ -313,6 +357,8 @@ def _train(phase: Phase, ctx: LoopContext, mgr, stop: preemption.StopRequests,
           f'{phase.num_steps}; its checkpoint is saved: rerun the same command to resume')
     if phase.track is not None and (last or (
         phase.track_every and step % phase.track_every == 0)):
-      progress.exclude(track(phase, ctx, step, state))
+      seconds = track(phase, ctx, step, state)
+      progress.exclude(seconds)
+      cost.exclude(seconds)
   batches.close()
   return state

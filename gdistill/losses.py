@@ -19,7 +19,7 @@ from gdistill.denoiser import Denoiser
 from gdistill.models.unet import w_warmup_scale
 
 
-def _uniform_w(rng, batch, w_min, w_max, w_min_frac=0.0):
+def uniform_w(rng, batch, w_min, w_max, w_min_frac=0.0):
   """w ~ U[w_min, w_max]; with ``w_min_frac`` > 0 that fraction of examples (in
   expectation) is drawn at exactly w_min instead."""
   w = jax.random.uniform(rng, (batch,), minval=w_min, maxval=w_max)
@@ -71,15 +71,39 @@ def stage1_target(*, teacher: Denoiser, teacher_params, z_t, t, logsnr, cond, w)
   return jax.lax.stop_gradient(x)
 
 
+# Distances of a student's output from its target besides the weighted x-MSE
+# (diffusion.LOSS_WEIGHTINGS): plain L2 (mean over pixels) and iCT's pseudo-Huber.
+DISTANCES = ('l2', 'pseudo_huber')
+
+
+def _per_example(x_hat, x_target, logsnr, weighting):
+  """[B]: omega(lambda) mean ||x_hat - x_target||^2 for a loss weighting; 'l2': the mean
+  squared error; 'pseudo_huber': sqrt(||x_hat - x_target||^2 + c^2) - c, c = 0.00054
+  sqrt(dimensions) (Song & Dhariwal 2023, for data in [-1, 1])."""
+  if weighting not in DISTANCES:
+    return diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
+                                    weighting=weighting)
+  axes = tuple(range(1, x_hat.ndim))
+  sq = jnp.square(x_hat - x_target)
+  if weighting == 'l2':
+    return jnp.mean(sq, axis=axes)
+  c = 0.00054 * jnp.sqrt(float(x_hat[0].size))
+  return jnp.sqrt(jnp.sum(sq, axis=axes) + c * c) - c
+
+
 def _student_loss(student: Denoiser, params, *, x_target, z_t, t, logsnr, cond, w, dropout_rng,
-                  weighting, w_balance, w_scale=None):
+                  weighting, w_balance, w_scale=None, output=None):
   """omega(lambda_t) ||x_hat_student(z_t, c, w) - x_target||^2 (/ (1 + w)^2 with
   ``w_balance``), averaged over the batch: the skeleton of every distillation loss.
-  ``w_scale``: the factor on the student's w branch (its warm-up), None for none."""
+  ``w_scale``: the factor on the student's w branch (its warm-up), None for none;
+  ``output(x_hat, z_t, t)``: the student's output made of its x_hat (a consistency
+  function's boundary condition), None for x_hat itself; ``weighting``: a loss weighting
+  or one of DISTANCES."""
   x_hat = student.x_hat(params, z_t, t=t, logsnr=logsnr, cond=cond, w=w, train=True,
                         rngs={'dropout': dropout_rng}, w_scale=w_scale)
-  per_example = diffusion.weighted_x_mse(x_hat=x_hat, x_target=x_target, logsnr=logsnr,
-                                         weighting=weighting)
+  if output is not None:
+    x_hat = output(x_hat, z_t, t)
+  per_example = _per_example(x_hat, x_target, logsnr, weighting)
   if w_balance:
     per_example = _w_balanced(per_example, w)
   return per_example.mean(), {}
@@ -98,7 +122,7 @@ def stage1_loss(params, frozen, batch, rng, *, student: Denoiser, teacher: Denoi
   b = x.shape[0]
   t_rng, eps_rng, w_rng, dropout_rng = jax.random.split(rng, 4)
   t, logsnr, z_t = _noisy(teacher.path, x, t_rng, eps_rng)
-  w = _uniform_w(w_rng, b, w_min, w_max, w_min_frac)
+  w = uniform_w(w_rng, b, w_min, w_max, w_min_frac)
   x_target = stage1_target(teacher=teacher, teacher_params=frozen['params'], z_t=z_t, t=t,
                            logsnr=logsnr, cond=cond, w=w)
   return _student_loss(student, params, x_target=x_target, z_t=z_t, t=t, logsnr=logsnr,
@@ -151,12 +175,14 @@ def stage2_target(x_fn, *, z_t, t, student_steps, path=noise_paths.COSINE):
 
 
 def halving_loss(params, frozen, batch, *, student: Denoiser, t, w, eps_rng, dropout_rng,
-                 target_of, weighting, w_balance=False):
-  """One student step matches two teacher steps: a decoder (stage 2) or encoder halving.
+                 target_of, weighting, w_balance=False, output=None):
+  """A student's output at z_t matches a target made by its frozen teacher from z_t: a
+  decoder (stage 2) or encoder halving, or a consistency step (``gdistill.consistency``).
 
-  ``t`` [B]: the student's times; ``w`` [B]; ``target_of(x_fn, z_t, t)``: the x_tilde of
-  two teacher steps from t, where ``x_fn(z, s)`` is the teacher (``frozen['params']``,
-  the same network, the same c and w).
+  ``t`` [B]: the student's times; ``w`` [B]; ``target_of(x_fn, z_t, t)``: the target (a
+  halving's x_tilde of two teacher steps from t), where ``x_fn(z, s)`` is the teacher
+  (``frozen['params']``, the same network, the same c and w); ``output``: as
+  ``_student_loss``'s.
   loss = E[omega(lambda_t) ||x_hat_student(z_t, c, w) - x_tilde||^2].
   """
   x, cond = batch['image'], batch['label']
@@ -169,7 +195,7 @@ def halving_loss(params, frozen, batch, *, student: Denoiser, t, w, eps_rng, dro
   x_target = target_of(teacher_x, z_t, t)
   return _student_loss(student, params, x_target=x_target, z_t=z_t, t=t, logsnr=logsnr,
                        cond=cond, w=w, dropout_rng=dropout_rng, weighting=weighting,
-                       w_balance=w_balance)
+                       w_balance=w_balance, output=output)
 
 
 def stage2_loss(params, frozen, batch, rng, *, student: Denoiser, w_min, w_max, grid, weighting,
@@ -187,6 +213,6 @@ def stage2_loss(params, frozen, batch, rng, *, student: Denoiser, w_min, w_max, 
   return halving_loss(
       params, frozen, batch, student=student, weighting=weighting, w_balance=w_balance,
       t=stage2_time_grid(t_rng, b, student_steps=n, grid=grid),
-      w=_uniform_w(w_rng, b, w_min, w_max, w_min_frac), eps_rng=eps_rng, dropout_rng=dropout_rng,
+      w=uniform_w(w_rng, b, w_min, w_max, w_min_frac), eps_rng=eps_rng, dropout_rng=dropout_rng,
       target_of=lambda x_fn, z_t, t: stage2_target(x_fn, z_t=z_t, t=t, student_steps=n,
                                                    path=student.path))

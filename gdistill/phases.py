@@ -1,9 +1,10 @@
 """Turns a phase of the run plan into what the loop trains: ``loop.Phase``.
 
-For each kind of phase (``gdistill.run_plan``): its loss, optimiser, initial state,
+For each kind of phase (``gdistill.methods``): its loss, optimiser, initial state,
 frozen inputs and checkpoint meta. Frozen inputs are what a phase reads but never
 trains: the teacher's parameters and, for halvings, the student's step count (a
-traced scalar, so all halvings share one compiled step).
+traced scalar, so all halvings share one compiled step). ``PhaseBuilder.LOSSES`` maps
+each kind to the method that binds its loss.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from gdistill import encoder, losses, run_plan, sharding
+from gdistill import consistency, encoder, losses, run_plan, sharding
 from gdistill.loop import Phase
 from gdistill.model_store import ModelStore
 from gdistill.networks import init_params
@@ -32,6 +33,10 @@ def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
          'w_range': [config.guidance.w_min, config.guidance.w_max]}
   if spec.kind == run_plan.ENCODER:  # what it encodes with
     out |= {'encoder': True, 'encode_w': float(config.translate.encode_w)}
+  if spec.kind == run_plan.CONSISTENCY:  # a consistency function: how it samples
+    out |= {'consistency': {'solver': spec.teacher, 'sample_steps': list(spec.sample_steps),
+                            'sigma_data': consistency.SIGMA_DATA,
+                            'boundary_scale': consistency.BOUNDARY_SCALE}}
   return out | store.codec_meta()
 
 
@@ -54,38 +59,63 @@ class PhaseBuilder:
     self._updates = {}
 
   def build(self, spec: PhaseSpec, teacher_params=None,
-            on_done: Optional[Callable] = None) -> Phase:
+            on_done: Optional[Callable] = None, init_params=None) -> Phase:
     """The loop phase of ``spec``; ``teacher_params``: the sampling parameters of
-    ``spec.teacher`` (None for the teacher)."""
+    ``spec.teacher`` (None for the teacher); ``init_params``: those of
+    ``spec.init_from``, when the phase starts from another phase than its teacher."""
     if spec.kind == run_plan.TEACHER:
       return self._teacher(spec, on_done)
-    c = self.config
     repl = sharding.replicated(self.store.mesh)
     frozen = {'params': teacher_params}
+    if spec.init_from is not None:
+      frozen['init_params'] = init_params
     if spec.student_steps is not None:
       frozen['num_steps'] = jax.device_put(jnp.int32(spec.student_steps), repl)
-    if spec.kind == run_plan.STAGE1:
-      loss = functools.partial(
-          losses.stage1_loss, teacher=self.store.denoiser(use_w=False),
-          w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-          weighting=weighting(c, c.stage1), w_balance=c.stage1.get('w_balance', False),
-          w_min_frac=float(c.stage1.get('w_min_frac', 0.0)),
-          w_warmup_steps=int(c.model.get('w_warmup_steps', 0)))
-    elif spec.kind == run_plan.STAGE2:
-      loss = functools.partial(losses.stage2_loss,
-                               w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-                               grid=c.stage2.time_grid, weighting=weighting(c, c.stage2),
-                               w_balance=c.stage2.get('w_balance', False),
-                               w_min_frac=float(c.stage2.get('w_min_frac', 0.0)))
-    else:
-      # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
-      # encoder's is not.
-      frozen['clean_start'] = jax.device_put(jnp.bool_(spec.teacher == run_plan.STAGE1), repl)
-      loss = functools.partial(encoder.encoder_distill_loss,
-                               encode_w=float(c.translate.encode_w),
-                               grid=c.translate.encoder.time_grid,
-                               weighting=weighting(c, c.translate.encoder))
+    loss, more = getattr(self, self.LOSSES[spec.kind])(spec)
+    frozen |= {k: jax.device_put(v, repl) for k, v in more.items()}
     return self._student(spec, loss, frozen, on_done)
+
+  # A kind's loss: ``method(spec) -> (loss bound to all but student, frozen scalars)``.
+  LOSSES = {run_plan.STAGE1: '_stage1_loss', run_plan.STAGE2: '_stage2_loss',
+            run_plan.ENCODER: '_encoder_loss', run_plan.CONSISTENCY: '_consistency_loss'}
+
+  def _stage1_loss(self, spec):
+    del spec
+    c = self.config
+    return functools.partial(
+        losses.stage1_loss, teacher=self.store.denoiser(use_w=False),
+        w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+        weighting=weighting(c, c.stage1), w_balance=c.stage1.get('w_balance', False),
+        w_min_frac=float(c.stage1.get('w_min_frac', 0.0)),
+        w_warmup_steps=int(c.model.get('w_warmup_steps', 0))), {}
+
+  def _stage2_loss(self, spec):
+    del spec
+    c = self.config
+    return functools.partial(losses.stage2_loss,
+                             w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+                             grid=c.stage2.time_grid, weighting=weighting(c, c.stage2),
+                             w_balance=c.stage2.get('w_balance', False),
+                             w_min_frac=float(c.stage2.get('w_min_frac', 0.0))), {}
+
+  def _encoder_loss(self, spec):
+    c = self.config
+    # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
+    # encoder's is not.
+    return functools.partial(encoder.encoder_distill_loss,
+                             encode_w=float(c.translate.encode_w),
+                             grid=c.translate.encoder.time_grid,
+                             weighting=weighting(c, c.translate.encoder)), \
+        {'clean_start': jnp.bool_(spec.teacher == run_plan.STAGE1)}
+
+  def _consistency_loss(self, spec):
+    c, cd = self.config, self.config.consistency
+    return functools.partial(consistency.consistency_loss, solver=spec.teacher,
+                             teacher=self.store.denoiser(use_w=False),
+                             w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+                             grid_steps=int(cd.grid_steps), skip=int(cd.skip),
+                             distance=cd.distance, w_balance=bool(cd.w_balance),
+                             w_min_frac=float(cd.w_min_frac)), {}
 
   def _teacher(self, spec, on_done) -> Phase:
     c, net = self.config.teacher, self.store.net(use_w=False)
@@ -109,9 +139,10 @@ class PhaseBuilder:
                  checkpoint_every=c.checkpoint_every, on_done=on_done)
 
   def _student(self, spec, loss, frozen, on_done) -> Phase:
-    """A w-conditioned student initialised from ``frozen['params']``: stage 1 from the
-    teacher's weights (plus a zero-initialised w branch), a halving as an exact copy
-    of its teacher."""
+    """A w-conditioned student initialised (``methods.Method.init``) from
+    ``frozen['init_params']`` if given, else ``frozen['params']``: stage 1 from the
+    teacher's weights (plus a zero-initialised w branch), a halving or a consistency
+    student as an exact copy of the phase it starts from."""
     s = spec.section(self.config)
     student = self.store.denoiser(use_w=True, dropout=s.dropout)
     num_steps = spec.num_steps(self.config)
@@ -120,15 +151,17 @@ class PhaseBuilder:
     if key not in self._updates:
       self._updates[key] = make_update_fn(
           functools.partial(loss, student=student), opt, ema_decay=s.ema_decay,
-          ema_warmup=s.ema_warmup, pass_step=loss.keywords.get('w_warmup_steps', 0) > 0)
+          ema_warmup=s.ema_warmup, pass_step=loss.keywords.get('w_warmup_steps', 0) > 0,
+          pass_target=spec.kind == run_plan.CONSISTENCY)
     seed, store = self.config.seed, self.store
-    from_teacher_net = spec.kind == run_plan.STAGE1
+    init = spec.method.init
+    start = 'init_params' if spec.init_from is not None else 'params'
 
     def init_fn(frozen):
-      if from_teacher_net:
-        params = store.init_student(jax.random.PRNGKey(seed + 1), frozen['params'])
+      if init == 'teacher_net' or (init == 'copy' and spec.start_from == run_plan.TEACHER):
+        params = store.init_student(jax.random.PRNGKey(seed + 1), frozen[start])
       else:
-        params = jax.tree.map(jnp.copy, frozen['params'])
+        params = jax.tree.map(jnp.copy, frozen[start])
       return init_state(params, opt, ema=s.ema_decay > 0)
 
     return Phase(name=spec.name, num_steps=num_steps, batch_size=s.batch_size,

@@ -12,12 +12,21 @@ import jax.numpy as jnp
 
 from gdistill import diffusion, noise_paths
 
-SAMPLERS = ('ddim', 'stochastic')
+SAMPLERS = ('ddim', 'stochastic', 'consistency')
 COSINE = noise_paths.COSINE
 
 
 def _loop(step, carry, num_steps):
   return jax.lax.fori_loop(0, num_steps, step, carry)
+
+
+def ddim_update(denoise_fn, z_t, t, s, *, clip: bool = True, path=COSINE):
+  """One DDIM step from t to s: (z_s, x_hat), x_hat = clip(denoise_fn(z_t, t)) (clipped
+  with ``clip``). The step of ``ddim_sample``, and the guided ODE step of a consistency
+  target (``gdistill.consistency``); t and s scalars or [B]."""
+  x_hat = _x(denoise_fn, z_t, t, clip)
+  return diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=path.logsnr(t),
+                             logsnr_s=path.logsnr(s)), x_hat
 
 
 def ddim_sample(denoise_fn, z_1, *, num_steps, clip: bool = True, path=COSINE):
@@ -35,12 +44,7 @@ def ddim_sample(denoise_fn, z_1, *, num_steps, clip: bool = True, path=COSINE):
     z_t, _ = carry
     t = (n - i) / n
     s = (n - i - 1) / n
-    x_hat = denoise_fn(z_t, t)
-    if clip:
-      x_hat = jnp.clip(x_hat, -1.0, 1.0)
-    z_s = diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=path.logsnr(t),
-                              logsnr_s=path.logsnr(s))
-    return z_s, x_hat
+    return ddim_update(denoise_fn, z_t, t, s, clip=clip, path=path)
 
   _, x_hat = _loop(step, (z_1, jnp.zeros_like(z_1)), num_steps)
   return x_hat
@@ -59,25 +63,57 @@ def stochastic_sample(denoise_fn, z_1, *, num_steps, rng, clip: bool = True, pat
   """
   n = jnp.asarray(num_steps, jnp.float32)
 
-  def step(i, carry):
-    z_t, _, rng = carry
-    rng, noise_rng = jax.random.split(rng)
-    t = (n - i) / n
-    s = (n - i - 1) / n
+  def update(i, z_t, t, s, noise_rng):
     k = jnp.maximum(t - 2.0 / n, 0.0)
-    x_hat = denoise_fn(z_t, t)
-    if clip:
-      x_hat = jnp.clip(x_hat, -1.0, 1.0)
+    x_hat = _x(denoise_fn, z_t, t, clip)
     lt, lk, ls = path.logsnr(t), path.logsnr(k), path.logsnr(s)
     z_k = diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=lt, logsnr_s=lk)
     z_s_stoch = diffusion.forward_resample(
         z_k=z_k, logsnr_k=lk, logsnr_s=ls, noise=jax.random.normal(noise_rng, z_t.shape))
     z_s_det = diffusion.ddim_step(z_t=z_t, x_hat=x_hat, logsnr_t=lt, logsnr_s=ls)
     last = i == num_steps - 1
-    return jnp.where(last, z_s_det, z_s_stoch), x_hat, rng
+    return jnp.where(last, z_s_det, z_s_stoch), x_hat
 
-  _, x_hat, _ = _loop(step, (z_1, jnp.zeros_like(z_1), rng), num_steps)
-  return x_hat
+  return _noisy_loop(update, z_1, num_steps, rng)
+
+
+def _x(denoise_fn, z_t, t, clip):
+  x = denoise_fn(z_t, t)
+  return jnp.clip(x, -1.0, 1.0) if clip else x
+
+
+def _noisy_loop(update, z_1, num_steps, rng):
+  """The loop of a sampler that draws noise each step: for i = 0..N-1, t = (N - i) / N,
+  s = t - 1 / N, ``update(i, z_t, t, s, noise_rng) -> (z_s, x)``; returns the last x."""
+  n = jnp.asarray(num_steps, jnp.float32)
+
+  def step(i, carry):
+    z_t, _, rng = carry
+    rng, noise_rng = jax.random.split(rng)
+    z_s, x = update(i, z_t, (n - i) / n, (n - i - 1) / n, noise_rng)
+    return z_s, x, rng
+
+  _, x, _ = _loop(step, (z_1, jnp.zeros_like(z_1), rng), num_steps)
+  return x
+
+
+def consistency_sample(consistency_fn, z_1, *, num_steps, rng, clip: bool = True,
+                       path=COSINE):
+  """Multistep consistency sampling (N network evaluations, deterministic given the noise).
+
+  ``consistency_fn(z_t, t)`` maps a noisy point straight to its clean end (a consistency
+  student, boundary condition built in). For i = N..1, t = i / N, s = (i - 1) / N:
+    x = clip(consistency_fn(z_t, t)),  z_s = alpha_s x + sigma_s eps_i  (fresh noise);
+  returns the last x.
+  """
+  def update(i, z_t, t, s, noise_rng):
+    del i
+    x = _x(consistency_fn, z_t, t, clip)
+    z_s = diffusion.diffuse(x=x, eps=jax.random.normal(noise_rng, z_t.shape),
+                            logsnr=jnp.broadcast_to(path.logsnr(s), (z_t.shape[0],)))
+    return z_s, x
+
+  return _noisy_loop(update, z_1, num_steps, rng)
 
 
 def ddim_encode(denoise_fn, x_0, *, num_steps, clean_start=True, path=COSINE):
@@ -114,12 +150,16 @@ def ddim_encode(denoise_fn, x_0, *, num_steps, clean_start=True, path=COSINE):
 
 
 def sample(name: str, denoise_fn, z_1, *, num_steps, rng=None, clip: bool = True, path=COSINE):
-  """Dispatches to a sampler by name (``ddim`` or ``stochastic``)."""
+  """Dispatches to a sampler by name (``ddim``, ``stochastic`` or ``consistency``: then
+  ``denoise_fn`` is a consistency function)."""
   if name == 'ddim':
     return ddim_sample(denoise_fn, z_1, num_steps=num_steps, clip=clip, path=path)
+  if name in ('stochastic', 'consistency') and rng is None:
+    raise ValueError(f'the {name} sampler needs rng')
   if name == 'stochastic':
-    if rng is None:
-      raise ValueError('the stochastic sampler needs rng')
     return stochastic_sample(denoise_fn, z_1, num_steps=num_steps, rng=rng, clip=clip,
                              path=path)
+  if name == 'consistency':
+    return consistency_sample(denoise_fn, z_1, num_steps=num_steps, rng=rng, clip=clip,
+                              path=path)
   raise ValueError(f'sampler={name!r}: expected one of {SAMPLERS}')

@@ -1,7 +1,7 @@
 """The driver: validates the config, then walks the run plan's phases.
 
-teacher -> stage1 -> stage2 (one phase per halving) -> eval -> encoder halvings ->
-translate. Every training phase runs through ``loop.run_phase``; a phase that
+teacher -> stage1 -> stage2 (one phase per halving) -> consistency -> eval -> encoder
+halvings -> translate. Every training phase runs through ``loop.run_phase``; a phase that
 already finished in this workdir is loaded, not retrained, so rerunning the same
 command resumes where the last run stopped. What the phases are comes from
 ``gdistill.run_plan``, how each trains from ``gdistill.phases`` and finished models
@@ -51,13 +51,14 @@ class Run:
 
   # ---- sample grids --------------------------------------------------------
 
-  def write_grid(self, params, *, mode: str, w: float, num_steps: int, name: str):
+  def write_grid(self, params, *, mode: str, w: float, num_steps: int, name: str,
+                 sampler: str = 'ddim'):
     path = os.path.join(self.workdir, 'samples', f'{name}_steps{num_steps}_w{w:g}.png')
     if storage.exists(path):
       return
     s = self.config.samples
     images = compiled_samplers.class_grid(
-        self.store.sampler(mode), params,
+        self.store.sampler(mode, sampler), params,
         num_classes=min(self.store.num_classes, s.max_classes), per_class=s.per_class,
         image_shape=self.store.image_shape, w=w, num_steps=num_steps, seed=self.config.seed,
         sharding=sharding.batch_sharding(self.mesh))
@@ -74,13 +75,16 @@ class Run:
       settings = [(float(w), self.config.stage2.start_steps) for w in s.student_w]
     elif spec.kind == run_plan.STAGE2:
       settings = [(float(w), spec.student_steps) for w in s.student_w]
+    elif spec.kind == run_plan.CONSISTENCY:  # multistep consistency sampling
+      settings = [(float(w), n) for w in s.student_w for n in spec.sample_steps]
     else:
       return None
+    sampler = 'consistency' if spec.kind == run_plan.CONSISTENCY else 'ddim'
 
     def on_done(params):
       for w, steps in settings:
         self.write_grid(params, mode=spec.mode, w=w, num_steps=steps,
-                        name=spec.name)
+                        name=spec.name, sampler=sampler)
     return on_done
 
   # ---- quality while training ----------------------------------------------------
@@ -89,7 +93,8 @@ class Run:
     """``(track(state) -> scores, every)`` of a phase (``config.track``), or (None, 0).
 
     The phase samples as it is used: the teacher guided and stage 1 at ``track.steps``,
-    an N-step student at N steps; encoders do not sample.
+    an N-step student at N steps, a consistency student at 4 steps (or its fewest);
+    encoders do not sample.
     """
     t = self.config.track
     if not t.enabled or spec.kind == run_plan.ENCODER:
@@ -103,11 +108,14 @@ class Run:
           self._features = sweep.feature_net_and_stats(
               self.config, os.path.join(self.workdir, sweep.EVAL_DIR), self.source)
         net, stats = self._features
+        steps = spec.student_steps or t.steps
+        if spec.kind == run_plan.CONSISTENCY:
+          steps = 4 if 4 in spec.sample_steps else min(spec.sample_steps)
         quick.append(quick_fid.QuickFid(
             feature_net=net, reference=stats['reference'],
             sample_fn=self.store.sampler(spec.mode), image_shape=self.store.image_shape,
             num_classes=self.store.num_classes, num_samples=t.num_samples,
-            batch_size=t.batch_size, num_steps=spec.student_steps or t.steps,
+            batch_size=t.batch_size, num_steps=steps,
             w_values=t.w_values, seed=self.config.eval.seed,
             batch_sharding=sharding.batch_sharding(self.mesh), mode=spec.mode,
             k=self.config.eval.precision_recall_k))
@@ -123,8 +131,9 @@ class Run:
         stages, external_teacher=bool(self.config.teacher_checkpoint or self.store.source))
     names = {p.name for p in trained}
     # Models this run only loads are loaded (and checked) before anything is written.
-    params = {p.teacher: self.store.load(p.teacher).params for p in trained
-              if p.teacher is not None and p.teacher not in names}
+    inputs = lambda p: [q for q in (p.teacher, p.init_from) if q is not None]
+    params = {q: self.store.load(q).params for p in trained for q in inputs(p)
+              if q not in names}
     record_config(self.config, self.workdir)
     console.open_log(self.workdir, jax.process_index())  # the workdir is this run's now
     if trained and not self.store.codec.is_identity:  # a latent run trains on stored latents
@@ -137,14 +146,15 @@ class Run:
         [(p.name, 'teacher' if p.kind == run_plan.TEACHER else 'distillation',
           p.num_steps(self.config)) for p in trained],
         more_work=bool({'eval', 'translate'} & set(stages)) or self.config.track.enabled)
-    readers = collections.Counter(p.teacher for p in trained if p.teacher is not None)
+    readers = collections.Counter(q for p in trained for q in inputs(p))
 
-    def train(spec):  # keeps a phase's parameters only while a later phase distils them
-      out = self.train_phase(spec, params[spec.teacher] if spec.teacher else None)
-      if spec.teacher is not None:
-        readers[spec.teacher] -= 1
-        if not readers[spec.teacher]:
-          del params[spec.teacher]
+    def train(spec):  # keeps a phase's parameters only while a later phase reads them
+      out = self.train_phase(spec, params[spec.teacher] if spec.teacher else None,
+                             params[spec.init_from] if spec.init_from else None)
+      for q in inputs(spec):
+        readers[q] -= 1
+        if not readers[q]:
+          del params[q]
       if readers[spec.name]:
         params[spec.name] = out
 
@@ -170,12 +180,13 @@ class Run:
       workdir_lock.release(self._lock)
       self._lock = None
 
-  def train_phase(self, spec: run_plan.PhaseSpec, teacher_params):
+  def train_phase(self, spec: run_plan.PhaseSpec, teacher_params, init_params=None):
     """Trains (or resumes, or loads the finished) phase; its sampling parameters."""
     if spec.kind == run_plan.TEACHER:
       log(f'teacher: {param_count(self.store.abstract_params(use_w=False)) / 1e6:.2f}M '
           f'parameters')
-    phase = self.builder.build(spec, teacher_params, on_done=self.grids_of(spec))
+    phase = self.builder.build(spec, teacher_params, on_done=self.grids_of(spec),
+                               init_params=init_params)
     track, every = self.tracker(spec)
     phase = dataclasses.replace(phase, track=track, track_every=every)
     return run_phase(phase, self.ctx)

@@ -46,7 +46,8 @@ def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool) ->
 
 
 def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                   ema_decay: float, ema_warmup: bool = False, pass_step: bool = False) -> Callable:
+                   ema_decay: float, ema_warmup: bool = False, pass_step: bool = False,
+                   pass_target: bool = False) -> Callable:
   """Builds ``update_fn(state, frozen, batch, rng) -> (state, metrics)``.
 
   ``loss_fn(params, frozen, batch, rng) -> (loss, aux_metrics)``. With ``ema_warmup``
@@ -56,10 +57,14 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
   randomness is ``fold_in(rng, state.step)``, so a resumed run draws exactly
   what an uninterrupted one would. ``pass_step``: the loss also gets ``step=state.step``
   (the update count, restored on resume), e.g. for the w embedding's warm-up.
+  ``pass_target``: the loss also gets ``target_params``, the EMA parameters (a consistency
+  loss's target network), or the parameters themselves, not differentiated, without EMA.
   """
   def update_fn(state: TrainState, frozen, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
     kwargs = {'step': state.step} if pass_step else {}
+    if pass_target:
+      kwargs['target_params'] = state.eval_params
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, frozen, batch, step_rng, **kwargs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

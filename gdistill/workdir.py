@@ -32,6 +32,9 @@ ADDED = {**{f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 
          'teacher.allow_signal_at_t1': False, 'model.w_embedding': 'fourier',
          'model.w_warmup_steps': 0, 'model.attn_head_dim': 0, 'model.resblock_resample': False,
          **{f'{section}.weighting': '' for section in ('teacher', 'stage1', 'stage2')}}
+# Sections of phases added after workdirs were recorded: a record without the section never
+# trained its phase, so it matches whatever values the config has there.
+ADDED_SECTIONS = ('consistency',)
 # A phase whose learning rate is constant after warm-up can be trained longer: its
 # num_steps may grow (the phase resumes from its last checkpoint).
 EXTENDABLE = ('teacher', 'stage1', 'stage2')
@@ -86,6 +89,9 @@ def check_config(config, workdir: str) -> None:
     except (OSError, ValueError) as e:
       raise WorkdirError(f'{path}: unreadable ({e}); expected the config.json of a gdistill run')
     old = {**{k: v for k, v in ADDED.items() if k in new}, **old}
+    for section in ADDED_SECTIONS:
+      if not any(k.startswith(section + '.') for k in old):
+        old |= {k: v for k, v in new.items() if k.startswith(section + '.')}
     for key in sorted(set(old) | set(new)):
       if _mutable(key) or _extended(key, old, new):
         continue
@@ -102,12 +108,16 @@ def check_config(config, workdir: str) -> None:
 
 def record_config(config, workdir: str) -> None:
   """Writes ``workdir/config.json`` on a workdir's first run, and again when a run
-  trains a phase longer (``EXTENDABLE``), on process 0."""
+  trains a phase longer (``EXTENDABLE``) or first trains one of ``ADDED_SECTIONS``, on
+  process 0."""
   path = os.path.join(workdir, CONFIG_FILE)
   if storage.exists(path):
     old = _flatten(json.loads(storage.read_text(path)))
     new = _flatten(config.to_dict())
-    if not any(_extended(k, old, new) and new[k] != old[k] for k in new):
+    # A section of ADDED_SECTIONS whose stage this run trains is recorded from now on.
+    gained = [sec for sec in ADDED_SECTIONS if sec in tuple(config.get('stages', ()))
+              and not any(k.startswith(sec + '.') for k in old)]
+    if not gained and not any(_extended(k, old, new) and new[k] != old[k] for k in new):
       return
   if jax.process_index() == 0:
     storage.write_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))

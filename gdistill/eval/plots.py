@@ -2,7 +2,8 @@
 
   fid_vs_nfe.png  FID against NFE (log2 axis), a panel per w: the guided-DDIM teacher
                   (its reference and few-step rows form one curve), the deterministic
-                  and the stochastic students, and the real-data floor (Figures 1-2).
+                  and the stochastic students, the consistency student (multistep
+                  consistency sampling) and the real-data floor (Figures 1-2).
   fid_vs_is.png   FID against IS as w varies, a curve per (model, sampler, steps),
                   points labelled by w (Figure 4).
   pr_vs_w.png     precision and recall against w, the same curves.
@@ -14,13 +15,18 @@ import math
 import os
 from typing import Optional
 
-from gdistill import storage
+from gdistill import methods, storage
 
 SERIES = (  # (label, model names, sampler, style)
     ('teacher, guided DDIM', ('teacher', 'teacher_ddim'), 'ddim', dict(color='k', marker='o')),
     ('student, deterministic', ('student',), 'ddim', dict(color='tab:blue', marker='s')),
     ('student, stochastic', ('student',), 'stochastic', dict(color='tab:red', marker='^')),
+    ('consistency student', ('consistency',), 'consistency',
+     dict(color='tab:green', marker='D')),
 )
+NAMES = {'teacher': 'teacher', 'teacher_ddim': 'teacher DDIM', 'student': 'student',
+         'consistency': 'consistency'}
+MARKERS = {'ddim': 'o', 'stochastic': '^', 'consistency': 'D'}
 
 
 def _pyplot():
@@ -75,7 +81,7 @@ def fid_vs_nfe(rows: list[dict], path: str, *, floor: Optional[dict] = None) -> 
 def _curves(rows: list[dict]):
   """(label, style, rows sorted by w) per (model, sampler, steps) with >= 1 finite row."""
   keys = sorted({(r['model'], r['sampler'], r['steps']) for r in rows},
-                key=lambda k: (k[0] != 'student', k[1], k[2]))
+                key=lambda k: (methods.is_teacher_row(k[0]), k[0], k[1], k[2]))
   plt = _pyplot()
   cmap = plt.get_cmap('viridis')
   steps_all = sorted({k[2] for k in keys})
@@ -86,11 +92,12 @@ def _curves(rows: list[dict]):
     if not rs:
       continue
     frac = steps_all.index(steps) / max(len(steps_all) - 1, 1)
-    shade = cmap(frac) if model == 'student' else plt.get_cmap('Greys')(0.45 + 0.55 * frac)
-    style = dict(color=shade,
-                 marker={'ddim': 'o', 'stochastic': '^'}[sampler] if model == 'student' else 'x',
-                 ls='-' if model == 'student' else ':')
-    name = {'teacher': 'teacher', 'teacher_ddim': 'teacher DDIM', 'student': 'student'}[model]
+    teacher = methods.is_teacher_row(model)
+    shade = plt.get_cmap('Greys')(0.45 + 0.55 * frac) if teacher else (
+        cmap(frac) if model == 'student' else plt.get_cmap('Greens')(0.4 + 0.6 * frac))
+    style = dict(color=shade, marker='x' if teacher else MARKERS.get(sampler, 'o'),
+                 ls=':' if teacher else '-')
+    name = NAMES.get(model, model)
     yield f'{name} {sampler} {steps} steps', style, rs
 
 

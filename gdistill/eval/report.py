@@ -1,9 +1,11 @@
 """The sweep's report: DIR/eval/report.json and the same as Markdown tables.
 
 report.json = {"protocol": {...}, "floor": {...}, "claims": [...], "rows": [...]}, one row
-per evaluated setting with keys model (teacher, teacher_ddim, student), steps, nfe,
+per evaluated setting with keys model (teacher, teacher_ddim, student, consistency), steps, nfe,
 sampler, w, fid, is, is_std, precision, recall, num_samples, seconds_per_image,
 checkpoint (phase@step) and weights (ema or raw). Non-finite numbers are written as null.
+With rows of more than one distillation method, "methods" holds their side-by-side
+comparison and "training" each method's training cost (``loop.TrainCost``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import math
 import os
 from typing import Optional
 
-from gdistill import run_plan, storage
+from gdistill import methods, run_plan, storage
 from gdistill.metric_writer import log
 
 JSON_NAME = 'report.json'
 MD_NAME = 'report.md'
-MODEL_ORDER = {'teacher': 0, 'teacher_ddim': 1, 'student': 2}
+MODEL_ORDER = {m: i for i, m in enumerate(methods.ROW_MODELS)}
+DISTILLED = tuple(m for m in methods.ROW_MODELS if not methods.is_teacher_row(m))
 # The paper's claims (METHOD.md section 7) as targets: student steps -> allowed FID excess
 # over the guided-DDIM teacher at its largest step count.
 CLAIM_TOLERANCE = {8: 0.10, 4: 0.25}
@@ -185,9 +188,63 @@ def claims(rows: list[dict], floor: Optional[dict] = None) -> list[dict]:
   return out
 
 
-def build(*, protocol: dict, floor: dict, rows: list[dict]) -> dict:
+def method_label(model: str) -> str:
+  """The report's name of a distilled row model (``methods``)."""
+  kind = methods.kind_of_row(model)
+  return methods.METHODS[kind].label if kind else model
+
+
+def compare_methods(rows: list[dict]) -> list[dict]:
+  """Per w and NFE where two or more distillation methods have rows: each method's best
+  FID there (its sampler), and the better method."""
+  out = []
+  for w in sorted({r['w'] for r in rows}):
+    rs = [r for r in rows if r['w'] == w and r['model'] in DISTILLED
+          and _finite(r.get('fid')) is not None]
+    for nfe in sorted({r['nfe'] for r in rs}):
+      best = {}
+      for r in rs:
+        if r['nfe'] == nfe and (r['model'] not in best or r['fid'] < best[r['model']]['fid']):
+          best[r['model']] = r
+      if len(best) < 2:
+        continue
+      winner = min(best.values(), key=lambda r: r['fid'])
+      out.append({'w': w, 'nfe': nfe, 'better': method_label(winner['model']),
+                  **{method_label(m): {'fid': r['fid'], 'sampler': r['sampler'],
+                                       'steps': r['steps'], 'precision': r.get('precision'),
+                                       'recall': r.get('recall')}
+                     for m, r in best.items()}})
+  return out
+
+
+def training_costs(costs: dict, phase_kinds: dict) -> dict:
+  """Each method's training cost: {label: {phases, steps, images, minutes}} from
+  ``loop.read_costs`` and {phase: kind}."""
+  out = {}
+  for phase, c in sorted(costs.items()):
+    kind = phase_kinds.get(phase)
+    if kind is None:
+      continue
+    m = out.setdefault(methods.METHODS[kind].label,
+                       {'phases': [], 'steps': 0, 'images': 0, 'minutes': 0.0})
+    m['phases'].append(phase)
+    m['steps'] += int(c.get('steps', 0))
+    m['images'] += int(c.get('images', 0))
+    m['minutes'] = round(m['minutes'] + float(c.get('seconds', 0.0)) / 60.0, 2)
+  return out
+
+
+def build(*, protocol: dict, floor: dict, rows: list[dict],
+          training: Optional[dict] = None) -> dict:
+  """The report dict; ``training``: ``training_costs``' of the run (kept only beside a
+  comparison of methods)."""
   rows = sorted(rows, key=_sort_key)
-  return {'protocol': protocol, 'floor': floor, 'claims': claims(rows, floor), 'rows': rows}
+  out = {'protocol': protocol, 'floor': floor, 'claims': claims(rows, floor), 'rows': rows}
+  compared = compare_methods(rows)
+  if compared:
+    out['methods'] = compared
+    out['training'] = training or {}
+  return out
 
 
 def _clean(x):
@@ -249,6 +306,8 @@ def markdown(rep: dict) -> str:
                    f'{_fmt(c["reference"])} | '
                    f'{c["target"] if isinstance(c["target"], str) else _fmt(c["target"])} | '
                    f'{"pass" if c["passed"] else "FAIL"} |')
+  if rep.get('methods'):
+    lines += _methods_markdown(rep)
   for w in sorted({r['w'] for r in rep['rows']}):
     lines += ['', f'## w = {w:g}', '',
               '| model | sampler | steps | NFE | FID | IS | precision | recall | ms / image |',
@@ -264,9 +323,32 @@ def markdown(rep: dict) -> str:
   return '\n'.join(lines)
 
 
-def write(eval_dir: str, *, protocol: dict, floor: dict, rows: list[dict]) -> dict:
+def _methods_markdown(rep: dict) -> list[str]:
+  labels = [method_label(m) for m in DISTILLED
+            if any(method_label(m) in c for c in rep['methods'])]
+  lines = ['', '## Distillation methods side by side', '',
+           'Each method\'s best FID at each NFE (its sampler and step count in brackets); '
+           'one teacher, one protocol.', '',
+           '| w | NFE | ' + ' | '.join(labels) + ' | better |',
+           '|---|---|' + '---|' * len(labels) + '---|']
+  for c in rep['methods']:
+    cells = [f'{_fmt(c[l]["fid"])} ({c[l]["sampler"]}, {_steps(c[l]["steps"])})' if l in c
+             else '-' for l in labels]
+    lines.append(f'| {c["w"]:g} | {c["nfe"]} | ' + ' | '.join(cells) + f' | {c["better"]} |')
+  training = rep.get('training') or {}
+  if training:
+    lines += ['', '| method | phases | training steps | images seen | minutes (wall) |',
+              '|---|---|---|---|---|']
+    for label, t in training.items():
+      lines.append(f'| {label} | {", ".join(t["phases"])} | {t["steps"]} | {t["images"]:,} | '
+                   f'{t["minutes"]:.1f} |')
+  return lines
+
+
+def write(eval_dir: str, *, protocol: dict, floor: dict, rows: list[dict],
+          training: Optional[dict] = None) -> dict:
   """Writes report.json and report.md; returns the report dict."""
-  rep = _clean(build(protocol=protocol, floor=floor, rows=rows))
+  rep = _clean(build(protocol=protocol, floor=floor, rows=rows, training=training))
   storage.write_text(os.path.join(eval_dir, JSON_NAME), json.dumps(rep, indent=1) + '\n')
   storage.write_text(os.path.join(eval_dir, MD_NAME), markdown(rep))
   return rep

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import checkpoint, config_validation, run_plan, sharding
+from gdistill import checkpoint, config_validation, loop, run_plan, sharding
 from gdistill.compiled_samplers import to_host
 from gdistill.data import open_source
 from gdistill.eval import features, metrics, plan, plots, report
@@ -192,7 +192,7 @@ def run_sweep(config, store, *, train_source=None) -> dict:
 
   # ---- which checkpoints exist ---------------------------------------------------------
   students, missing = [], []
-  for spec in store.plan.of_kind(run_plan.STAGE2):
+  for spec in store.plan.distilled():
     (students if store.step(spec.name) is not None else missing).append(spec)
   missing = [p.name for p in missing]
   if missing:
@@ -234,6 +234,9 @@ def run_sweep(config, store, *, train_source=None) -> dict:
     if key in wanted and key not in kept:
       kept[key] = dict(r, checkpoint=f'{wanted[key].phase}@{ckpt[wanted[key].phase]["step"]}')
 
+  training = report.training_costs(loop.read_costs(workdir),
+                                   {p.name: p.kind for p in store.plan.phases})
+
   # ---- the rows --------------------------------------------------------------------
   todo = [s for s in settings
           if kept.get(s.key, {}).get('checkpoint') != f'{s.phase}@{ckpt[s.phase]["step"]}']
@@ -266,7 +269,8 @@ def run_sweep(config, store, *, train_source=None) -> dict:
       save_class_grid(images, os.path.join(eval_dir, 'samples', f'{s.slug}.png'),
                       num_classes=store.num_classes, per_class=e.grid_per_class,
                       max_classes=config.samples.max_classes)
-      report.write(eval_dir, protocol=protocol, floor=floor, rows=list(kept.values()))
+      report.write(eval_dir, protocol=protocol, floor=floor, rows=list(kept.values()),
+                   training=training)
     done_evals += s.nfe * sampled
     done_seconds += seconds
     rate = done_evals / max(done_seconds, 1e-9)
@@ -277,8 +281,8 @@ def run_sweep(config, store, *, train_source=None) -> dict:
 
   rows = list(kept.values())
   if not is_main:
-    return report.build(protocol=protocol, floor=floor, rows=rows)
-  out = report.write(eval_dir, protocol=protocol, floor=floor, rows=rows)
+    return report.build(protocol=protocol, floor=floor, rows=rows, training=training)
+  out = report.write(eval_dir, protocol=protocol, floor=floor, rows=rows, training=training)
   for path in plots.write_all(eval_dir, out):
     log(f'wrote {path}')
   log(f'eval: wrote {os.path.join(eval_dir, report.MD_NAME)} ({len(rows)} rows) in '
