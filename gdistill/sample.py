@@ -12,6 +12,9 @@
   * ``student`` (default): the stage-2 student that serves the sampler at the step
     count (``gdistill.run_plan``: ``--sampler=stochastic --steps=N`` uses the
     N/2-step student), one network evaluation per step.
+    ``--method=consistency``: the consistency student instead (guided consistency
+    distillation, ``--config.stages`` with ``consistency``), multistep consistency
+    sampling at any step count, one network evaluation per step.
   * ``stage1``: the undistilled w-conditioned model, any step count, 1 per step.
   * ``teacher``: the guided teacher, any step count, 2 per step.
 Without ``--class`` it draws ``--num`` samples of every class (a row each).
@@ -37,13 +40,19 @@ _MODEL = flags.DEFINE_string('model', 'student',
                              'student, stage1, teacher (of --workdir), or a one-file model '
                              '(*.msgpack with its .json sidecar; see the module docstring).')
 PHASE_MODELS = ('student', 'stage1', 'teacher')
+_METHOD = flags.DEFINE_enum('method', 'progressive', ['progressive', 'consistency'],
+                            'The distillation method of --model=student: progressive '
+                            '(the stage-2 student of the step count) or consistency.')
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'Samples per device batch.')
 
 
-def model_phase(work, *, model: str, sampler: str, steps: int) -> str:
+def model_phase(work, *, model: str, sampler: str, steps: int,
+                method: str = 'progressive') -> str:
   """The checkpoint phase that serves (model, sampler, steps); CheckpointError if absent."""
   from gdistill.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  if model in ('stage1', 'teacher'):
+  if model == 'student' and method == 'consistency':
+    model = 'consistency'
+  if model in ('stage1', 'teacher', 'consistency'):
     if model not in work.finished():
       raise CheckpointError(f'--model={model}: workdir {work.path} has no {model} checkpoint '
                             f'(it holds: {work.describe()})')
@@ -118,7 +127,8 @@ def sample(config):
     classes = list(range(work.num_classes))
   steps, sampler = _STEPS.value, _SAMPLER.value
   if config is not None:
-    model = work.load(model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps))
+    model = work.load(model_phase(work, model=_MODEL.value, sampler=sampler, steps=steps,
+                                  method=_METHOD.value))
   else:
     trained = model.meta.get('student_steps') if model.mode == 'student' else None
     serves = trained if sampler == 'ddim' else (2 * trained if trained else None)
@@ -126,6 +136,8 @@ def sample(config):
       cli.fail(f'--steps={steps}: {_MODEL.value} is the {trained}-step student, which serves '
                f'--sampler={sampler} at --steps={serves}')
   phase = model.phase
+  if model.mode == 'consistency':  # its one sampler: multistep consistency sampling
+    sampler = 'consistency'
   fn = work.sampler(model.mode, sampler)
   labels = np.repeat(np.asarray(classes, np.int32), _NUM.value)
   rng = jax.random.PRNGKey(_SEED.value)

@@ -33,6 +33,10 @@ def _define_flags():
                       'sidecar) that decodes, without --workdir.')
   flags.DEFINE_string('encoder', None, 'With --model=FILE: the one-file model that DDIM-encodes '
                       '(default: the --model file).')
+  flags.DEFINE_enum('method', 'progressive', ['progressive', 'consistency'],
+                    'The distillation method that decodes (with --workdir): progressive (the '
+                    'routes of --model) or consistency (the stage-1 model DDIM-encodes in '
+                    'translate.encode_steps, the consistency student decodes in --steps).')
   flags.DEFINE_integer('encode_steps', None, 'With --model=FILE: the encoder\'s DDIM steps '
                        '(default: --steps).')
   flags.DEFINE_string('input', None, 'Images: .npz (uint8 [n,H,W(,C)] or float in [-1,1] under '
@@ -93,9 +97,12 @@ def main(argv):
       x = image_io.read_images(f.input, work.data_shape, flag='--input')
     except ValueError as e:
       cli.fail(str(e))
-    if not from_file:
-      route = translation.choose_route(work, model=f.model, steps=f.steps)
     t = config.get('translate', {})
+    if not from_file and f.method == 'consistency':
+      route = translation.consistency_route(
+          work, f.steps, encode_steps=int(t.get('encode_steps', 0)) or f.steps)
+    elif not from_file:
+      route = translation.choose_route(work, model=f.model, steps=f.steps)
     encode_w = f.encode_w if f.encode_w is not None else float(t.get('encode_w', 0.0))
     w = f.w if f.w is not None else float(t.get('w', 1.0))
     translator = translation.Translator(work, encode_w=encode_w, w=w, batch_size=f.batch_size,

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdistill import compiled_samplers, guidance, samplers, storage
+from gdistill import compiled_samplers, consistency, guidance, methods, run_plan, samplers
+from gdistill import storage
 from gdistill.checkpoint import CheckpointError
 from gdistill.config_validation import ConfigError
 from gdistill.grids import save_grid
@@ -44,7 +45,8 @@ QUALITY_FILE = 'quality.json'
 # ---- the pure maths ------------------------------------------------------------
 
 def translate(encode_denoise, decode_denoise, x, *, encode_steps, decode_steps,
-              clean_start=True, path=samplers.COSINE, clip: bool = True):
+              clean_start=True, path=samplers.COSINE, clip: bool = True,
+              decoder: str = 'ddim'):
   """x [B, H, W, C] in [-1, 1] -> translated x' (same shape).
 
   ``encode_denoise`` / ``decode_denoise`` are ``denoise_fn(z_t, t) -> x_hat`` under
@@ -54,6 +56,9 @@ def translate(encode_denoise, decode_denoise, x, *, encode_steps, decode_steps,
   """
   z_1 = samplers.ddim_encode(encode_denoise, x, num_steps=encode_steps, clean_start=clean_start,
                              path=path)
+  if decoder == 'consistency':  # a consistency student decodes (fixed re-noising noise)
+    return samplers.consistency_sample(decode_denoise, z_1, num_steps=decode_steps,
+                                       rng=jax.random.PRNGKey(0), clip=clip, path=path)
   return samplers.ddim_sample(decode_denoise, z_1, num_steps=decode_steps, clip=clip, path=path)
 
 
@@ -64,7 +69,9 @@ def denoise_fn_for(mode: str, net, *, params, label, w):
     return guidance.guided_teacher_denoise_fn(net, params=params, cond=label, w=w)
   if mode == 'student':
     return guidance.conditional_denoise_fn(net, params=params, cond=label, w=w)
-  raise ValueError(f'mode={mode!r}: expected guided or student')
+  if mode == 'consistency':  # the consistency function (decoders only)
+    return consistency.consistency_fn(net, params=params, cond=label, w=w)
+  raise ValueError(f'mode={mode!r}: expected guided, student or consistency')
 
 
 def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: str,
@@ -81,7 +88,8 @@ def make_translate_fn(*, encode_net, decode_net, encode_mode: str, decode_mode: 
     dec = denoise_fn_for(decode_mode, decode_net, params=dec_params, label=target, w=w)
     return translate(enc, dec, x, encode_steps=encode_steps, decode_steps=decode_steps,
                      clean_start=clean_start, path=decode_net.path,
-                     clip=decode_net.sampler_clips(decode_mode))
+                     clip=decode_net.sampler_clips(decode_mode),
+                     decoder='consistency' if decode_mode == 'consistency' else 'ddim')
   if codec is None:
     return jax.jit(fn)
 
@@ -112,7 +120,7 @@ class Route:
   @property
   def nfe(self) -> int:
     """Network evaluations per translated image (a guided teacher step costs 2)."""
-    per_step = lambda phase: 2 if phase == 'teacher' else 1
+    per_step = lambda phase: methods.method(run_plan.parse_phase_name(phase)[0]).nfe_per_step
     n = self.encoder_steps
     enc = per_step(self.encoder) * (n - 1 if self.clean_start else n)
     return enc + per_step(self.decoder) * self.steps
@@ -163,7 +171,7 @@ class Translator:
   def __call__(self, route: Route, x: np.ndarray, source: int, target: int) -> np.ndarray:
     """x [n, H, W, C] in [-1, 1] -> [n, H, W, C] translated along ``route``."""
     enc, dec = self.model(route.encoder), self.model(route.decoder)
-    key = (route.encoder == 'teacher', route.decoder == 'teacher')
+    key = (enc.mode, dec.mode)
     codec = self.work.codec
     if key not in self._fns:
       self._fns[key] = compiled_samplers.AotSampler(make_translate_fn(
@@ -181,6 +189,17 @@ class Translator:
                 jnp.bool_(route.clean_start), *codec_args)
     return compiled_samplers.run_batched(run, (np.asarray(x, np.float32), *labels),
                                          batch_size=self.batch_size, mesh=self.work.mesh)
+
+
+def consistency_route(work: ModelStore, steps: int, *, encode_steps: int) -> Route:
+  """The stage-1 model DDIM-encodes in ``encode_steps``, the consistency student decodes
+  in ``steps`` (multistep consistency sampling from the encoded noise)."""
+  if run_plan.CONSISTENCY not in work.finished():
+    raise CheckpointError(f'--method=consistency: workdir {work.path} has no consistency '
+                          f'student (it holds: {work.describe()})')
+  return Route(name=f'consistency{steps}', encoder=run_plan.STAGE1,
+               decoder=run_plan.CONSISTENCY, steps=steps, clean_start=True,
+               encode_steps=encode_steps)
 
 
 def choose_route(work: ModelStore, *, model: str, steps: int) -> Route:
