@@ -3,10 +3,10 @@
 The maths with a tiny U-Net whose weights are all perturbed: the boundary condition
 holds exactly, the target is the samplers' own guided DDIM step (checked against an
 independent float64 computation of the guided x_hat and the DDIM formula), and the loss
-compares the student's output with the EMA target network's at that point. The run:
-a consistency phase of the smoke config, killed with SIGKILL after its first checkpoint
-and resumed, ends with exactly the uninterrupted run's parameters; its report has the
-consistency rows.
+compares the student's output with the EMA target network's at that point. The run: a
+consistency phase of the smoke config writes its report rows, grids and training cost;
+slow: killed with SIGKILL after its first checkpoint and resumed, it ends with exactly the
+uninterrupted run's parameters.
 """
 
 import importlib.util
@@ -230,17 +230,22 @@ def base_workdir(tmp_path_factory, fashion_data_dir):
   return path
 
 
-def test_consistency_phase_resumes_bit_exactly_after_sigkill(base_workdir, fashion_data_dir,
-                                                             tmp_path):
-  stages = "('stage1','consistency','eval')"
-  env = smoke_workdir.subprocess_env()
-  ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+@pytest.fixture(scope='module')
+def ref_workdir(base_workdir, fashion_data_dir, tmp_path_factory):
+  """An uninterrupted consistency run (with the sweep) on a copy of the base workdir."""
+  ref = str(tmp_path_factory.mktemp('consistency_ref') / 'ref')
   shutil.copytree(base_workdir, ref)
-  shutil.copytree(base_workdir, killed)
-  proc = subprocess.run(_command(ref, fashion_data_dir, stages), cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+  proc = subprocess.run(_command(ref, fashion_data_dir, "('stage1','consistency','eval')"),
+                        cwd=REPO, env=smoke_workdir.subprocess_env(), capture_output=True,
+                        text=True, timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  # The report: consistency rows at its step counts and every w, beside the teacher's.
+  return ref
+
+
+def test_consistency_run_writes_its_rows_grids_and_cost(ref_workdir):
+  """The report: consistency rows at its step counts and every w; the phase's grids and
+  its training cost."""
+  ref = ref_workdir
   rep = json.loads(open(os.path.join(ref, 'eval', 'report.json')).read())
   got = {(r['steps'], r['w']) for r in rep['rows'] if r['model'] == 'consistency'}
   assert got == {(n, w) for n in (1, 2) for w in (0.0, 1.0)}, got
@@ -250,6 +255,14 @@ def test_consistency_phase_resumes_bit_exactly_after_sigkill(base_workdir, fashi
   assert cost['steps'] == 4 and cost['images'] == 64 and cost['seconds'] > 0
   assert os.path.isfile(os.path.join(ref, 'samples', 'consistency_steps2_w2.png'))
 
+
+# Slow (two more runs; CI time): the fast suite kills and resumes stage 1 (test_pipeline).
+@pytest.mark.slow
+def test_consistency_phase_resumes_bit_exactly_after_sigkill(base_workdir, ref_workdir,
+                                                             fashion_data_dir, tmp_path):
+  env = smoke_workdir.subprocess_env()
+  killed = str(tmp_path / 'killed')
+  shutil.copytree(base_workdir, killed)
   stages = "('stage1','consistency')"  # the resumed run's parameters are what is compared
   p = subprocess.Popen(_command(killed, fashion_data_dir, stages), cwd=REPO, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -273,5 +286,5 @@ def test_consistency_phase_resumes_bit_exactly_after_sigkill(base_workdir, fashi
                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'consistency: resumed from step 2' in proc.stdout, proc.stdout[-3000:]
-  (want, _), (have, _) = _final(ref), _final(killed)
+  (want, _), (have, _) = _final(ref_workdir), _final(killed)
   jax.tree.map(np.testing.assert_array_equal, have, want)
