@@ -233,8 +233,9 @@ class TrainCost:
   def __init__(self, workdir: str, phase: Phase, step: int):
     self.path = os.path.join(workdir, COST_FILE)
     self.phase, self.t0, self.excluded = phase, time.perf_counter(), 0.0
-    self.before = float(read_costs(workdir).get(phase.name, {}).get('seconds', 0.0)) \
-        if step else 0.0
+    # Read once: the workdir's lock makes this run its only writer.
+    self.costs = read_costs(workdir)
+    self.before = float(self.costs.get(phase.name, {}).get('seconds', 0.0)) if step else 0.0
 
   def exclude(self, seconds: float) -> None:
     self.excluded += seconds
@@ -242,7 +243,7 @@ class TrainCost:
   def record(self, step: int) -> None:
     if jax.process_index() != 0:
       return
-    costs = read_costs(os.path.dirname(self.path))
+    costs = self.costs
     seconds = self.before + time.perf_counter() - self.t0 - self.excluded
     costs[self.phase.name] = {'steps': int(step), 'batch_size': int(self.phase.batch_size),
                               'images': int(step) * int(self.phase.batch_size),
