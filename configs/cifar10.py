@@ -58,7 +58,7 @@ def get_config():
       # 480k: the authors' teacher is checkpoint_480000 of its run
       # (cifar_condw_stage1_distill.py, teacher_ckpt_path).
       num_steps=480_000,
-      batch_size=128,                   # cifar_retrain_unet3.py
+      batch_size=128,             # cifar_retrain_unet3.py
       learning_rate=2e-4,               # cifar_retrain_unet3.py
       warmup_steps=10_000,              # cifar_retrain_unet3.py (learning_rate_warmup_steps)
       lr_decay='constant',              # cifar_retrain_unet3.py (no annealing)
@@ -71,7 +71,7 @@ def get_config():
       # 620k: stage 2 starts from checkpoint_620000 of the authors' stage-1 run
       # (cifar_condw_stage2_distill.py, teacher_ckpt_path).
       num_steps=620_000,
-      batch_size=128,                   # cifar_condw_stage1_distill.py (train_batch_size)
+      batch_size=128,             # cifar_condw_stage1_distill.py (train_batch_size)
       learning_rate=1e-4,               # cifar_condw_stage1_distill.py
       warmup_steps=0,                   # cifar_condw_stage1_distill.py
       lr_decay='constant',              # cifar_condw_stage1_distill.py (no annealing)
@@ -84,7 +84,7 @@ def get_config():
       checkpoint_every=5000)
   c.stage2.update(
       num_steps=50_000,                 # cifar_condw_stage2_distill.py (distill_steps_per_iter)
-      batch_size=128,                   # cifar_condw_stage2_distill.py (train_batch)
+      batch_size=128,             # cifar_condw_stage2_distill.py (train_batch)
       learning_rate=1e-4,               # cifar_condw_stage2_distill.py (lr)
       warmup_steps=0,                   # cifar_condw_stage2_distill.py
       lr_decay='linear',                # cifar_condw_stage2_distill.py (anneal per halving)
@@ -102,6 +102,23 @@ def get_config():
   # student for both samplers. --config.stage2.time_grid=deterministic gives the authors'
   # DDIM students.
   c.stage2.time_grid = 'both'
+  # The stochastic sampler's own students (stage2.stochastic) as the authors train
+  # them (cifar_condw_stage2_nvidia_distill.py, two_nvidia_distillation): off here, the
+  # 'both' students serve that sampler;
+  # --config.stage2.stochastic.sampler_steps=(512, 256, 128, 64, 32, 16, 8, 4, 2)
+  # with time_grid=deterministic trains one per step count, each from a copy of its teacher.
+  c.stage2.stochastic.update(          # values: cifar_condw_stage2_nvidia_distill.py
+      num_steps=50_000,                 # distill_steps_per_iter
+      batch_size=128,                   # train_batch
+      learning_rate=1e-4,               # lr
+      warmup_steps=0,                   # learning_rate_warmup_steps
+      lr_decay='linear',                # learning_rate_anneal_type (per halving)
+      grad_clip=1.0,                    # grad_clip
+      ema_decay=0.0,                    # ema_decay
+      dropout=0.0,                      # model.args.dropout
+      weighting='snr_trunc',            # mean_loss_weight_type
+      init='teacher',                   # "teacher checkpoint ... initial params of student"
+      checkpoint_every=5000)
   # FID-50k as in the paper; the batch splits over 8 to 1024 devices.
   c.eval.update(num_samples=50_000, batch_size=1024)
   c.samples.update(per_class=8, teacher_steps=256, teacher_w=1.0, student_w=(0.0, 0.3, 1.0, 4.0))

@@ -68,7 +68,7 @@ def get_config():
       # 220k: the authors' teacher is checkpoint_220000 of its run
       # (i64_condw_stage1_distill.py, teacher_ckpt_path).
       num_steps=220_000,
-      batch_size=2048,                  # i64_retrain_unet3.py
+      batch_size=2048,            # i64_retrain_unet3.py
       learning_rate=3e-4,               # i64_retrain_unet3.py
       warmup_steps=10_000,              # i64_retrain_unet3.py (learning_rate_warmup_steps)
       lr_decay='constant',              # i64_retrain_unet3.py (no annealing)
@@ -81,7 +81,7 @@ def get_config():
       # Not stated by the authors: stage 2 starts from checkpoint_20000 of a run that
       # continued another (i64_condw_stage2_distill.py, teacher_ckpt_path).
       num_steps=50_000,
-      batch_size=256,                   # i64_condw_stage1_distill.py (train_batch_size)
+      batch_size=256,             # i64_condw_stage1_distill.py (train_batch_size)
       learning_rate=3e-4,               # i64_condw_stage1_distill.py
       warmup_steps=0,                   # i64_condw_stage1_distill.py
       lr_decay='constant',              # i64_condw_stage1_distill.py (no annealing)
@@ -94,7 +94,7 @@ def get_config():
       checkpoint_every=5000)
   c.stage2.update(
       num_steps=50_000,                 # i64_condw_stage2_distill.py (distill_steps_per_iter)
-      batch_size=256,                   # i64_condw_stage2_distill.py (train_batch)
+      batch_size=256,             # i64_condw_stage2_distill.py (train_batch)
       learning_rate=1e-4,               # i64_condw_stage2_distill.py (lr)
       warmup_steps=0,                   # i64_condw_stage2_distill.py
       lr_decay='linear',                # i64_condw_stage2_distill.py (anneal per halving)
@@ -111,6 +111,23 @@ def get_config():
   # two_nvidia_distillation); 'both' trains one student for both samplers.
   # --config.stage2.time_grid=deterministic gives the authors' DDIM students.
   c.stage2.time_grid = 'both'
+  # The stochastic sampler's own students (stage2.stochastic) as the authors train
+  # them (i64_condw_stage2_nvidia_distill.py, two_nvidia_distillation): off here, the
+  # 'both' students serve that sampler;
+  # --config.stage2.stochastic.sampler_steps=(512, 256, 128, 64, 32, 16, 8, 4, 2)
+  # with time_grid=deterministic trains one per step count, each from a copy of its teacher.
+  c.stage2.stochastic.update(          # values: i64_condw_stage2_nvidia_distill.py
+      num_steps=50_000,                 # distill_steps_per_iter
+      batch_size=256,                   # train_batch
+      learning_rate=1e-4,               # lr
+      warmup_steps=0,                   # learning_rate_warmup_steps
+      lr_decay='linear',                # learning_rate_anneal_type (per halving)
+      grad_clip=1.0,                    # grad_clip
+      ema_decay=0.0,                    # ema_decay
+      dropout=0.0,                      # model.args.dropout
+      weighting='snr_trunc',            # mean_loss_weight_type
+      init='teacher',                   # "teacher checkpoint ... initial params of student"
+      checkpoint_every=5000)
   # Translation's encoder (a stage when 'translate' is in stages):
   # i64_encode_condw_stage2_distill.py.
   c.translate.update(
@@ -118,7 +135,7 @@ def get_config():
       encoder_min_steps=1)              # i64_encode_condw_stage2_distill.py (end_num_steps)
   c.translate.encoder.update(
       num_steps=5000,                   # i64_encode_condw_stage2_distill.py (distill_steps_per_iter)
-      batch_size=256,                   # i64_encode_condw_stage2_distill.py (train_batch)
+      batch_size=256,             # i64_encode_condw_stage2_distill.py (train_batch)
       learning_rate=3e-4,               # i64_encode_condw_stage2_distill.py (lr)
       warmup_steps=0,                   # i64_encode_condw_stage2_distill.py
       lr_decay='linear',                # i64_encode_condw_stage2_distill.py (anneal per halving)

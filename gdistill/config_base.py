@@ -163,6 +163,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage2.num_steps_for = ()
   c.stage2.time_grid = 'both'  # or 'deterministic'
   c.stage2.w_balance = False  # as stage1.w_balance, for each halving's loss
+  # The paper's separate students for the stochastic sampler (METHOD.md section 5): for each
+  # of `sampler_steps` (2N, e.g. (8, 4)), an N-step student trained at every point of the
+  # 1/(2N) grid to match two steps of the 2N-step DDIM student, starting from a copy of the
+  # N-step DDIM student (init='ddim': a fine-tune) or of its 2N-step teacher ('teacher').
+  # Phases stage2s_nNNNN, trained with stage2 after its halvings; they need
+  # time_grid='deterministic' (a 'both' student already serves the stochastic sampler).
+  c.stage2.stochastic = _optim(num_steps=150, learning_rate=5e-5, warmup_steps=0,
+                               lr_decay='linear', ema_decay=0.0, dropout=0.0)
+  c.stage2.stochastic.update(sampler_steps=(), init='ddim', w_balance=False, w_min_frac=0.0)
   # Guided consistency distillation (stage `consistency`, beside or instead of stage2):
   # one student for every step count (CONSISTENCY_KEYS above). ema_decay: the EMA target
   # network's (LCM: 0.95), which is also the model sampled.

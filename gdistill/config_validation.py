@@ -110,6 +110,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   if config.stage2.time_grid not in ('deterministic', 'both'):
     _err('stage2.time_grid', config.stage2.time_grid, '"deterministic" or "both"')
   _validate_num_steps_for('stage2', config.stage2, run_plan.halvings(start, smallest))
+  if config.stage2.get('stochastic') is not None and 'stage2' in stages:
+    _validate_stochastic(config, num_devices=num_devices, num_processes=num_processes)
 
   if 'consistency' in stages:
     _validate_consistency(config, num_devices=num_devices, num_processes=num_processes)
@@ -120,6 +122,37 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   if 'eval' in stages:
     # Here, not when the sweep starts: a bad eval key must not wait for training to end.
     validate_eval(config, num_devices=num_devices)
+
+
+def _validate_stochastic(config, *, num_devices, num_processes) -> None:
+  """``stage2.stochastic``: the stochastic sampler's dedicated students."""
+  st, s2 = config.stage2.stochastic, config.stage2
+  steps = tuple(st.sampler_steps)
+  if not steps:
+    return
+  _validate_optimisation('stage2.stochastic', st, num_devices=num_devices,
+                         num_processes=num_processes)
+  halved = run_plan.halvings(s2.start_steps, s2.min_steps)
+  if st.init not in ('ddim', 'teacher'):
+    _err('stage2.stochastic.init', st.init, "'ddim' (a copy of the N-step DDIM student) or "
+         "'teacher' (of the 2N-step one)")
+  need = ' and the N-step DDIM student' if st.init == 'ddim' else ''
+  for n in steps:
+    ok = isinstance(n, int) and not isinstance(n, bool) and n >= 2 and n % 2 == 0
+    if not ok or (n not in halved and n != s2.start_steps) or (
+        st.init == 'ddim' and n // 2 not in halved):
+      _err('stage2.stochastic.sampler_steps', steps,
+           f'even step counts 2N whose 2N-step teacher (stage2.start_steps={s2.start_steps} '
+           f'or a halving of {halved}){need} exist')
+  if s2.time_grid == 'both':
+    _err('stage2.stochastic.sampler_steps', steps, "() with stage2.time_grid='both' (its "
+         "students already serve the stochastic sampler), or time_grid='deterministic'")
+  w = st.get('weighting', '')
+  if w and w not in diffusion.LOSS_WEIGHTINGS:
+    _err('stage2.stochastic.weighting', w, f"'' (diffusion.weighting) or one of "
+         f'{diffusion.LOSS_WEIGHTINGS}')
+  if not 0.0 <= float(st.w_min_frac) <= 1.0:
+    _err('stage2.stochastic.w_min_frac', st.w_min_frac, 'a fraction in [0, 1]')
 
 
 def _validate_consistency(config, *, num_devices, num_processes) -> None:

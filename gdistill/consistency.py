@@ -24,6 +24,8 @@ d: L2 or pseudo-Huber (iCT). Sampling is multistep consistency sampling
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -102,3 +104,14 @@ def consistency_loss(params, frozen, batch, rng, *, student: Denoiser, solver: s
       target_of=lambda _, z_t, t: consistency_target(
           solver_fn=solver_fn, target_fn=target_fn, z_hi=z_t, t_hi=t, t_lo=t_lo, clip=clip,
           path=student.path))
+
+
+def bind_loss(config, store, spec):
+  """``methods.Method.loss`` of a consistency student (``config.consistency``)."""
+  c, cd = config, config.consistency
+  return functools.partial(consistency_loss, solver=spec.teacher,
+                           teacher=store.denoiser(use_w=False),
+                           w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+                           grid_steps=int(cd.grid_steps), skip=int(cd.skip),
+                           distance=cd.distance, w_balance=bool(cd.w_balance),
+                           w_min_frac=float(cd.w_min_frac)), {}

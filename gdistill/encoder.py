@@ -14,6 +14,8 @@ the same generic loop; the encoder phases' names and step counts are
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -96,3 +98,14 @@ def encoder_distill_loss(params, frozen, batch, rng, *, student: Denoiser, encod
       target_of=lambda x_fn, z_s, s: encoder_target(
           x_fn, z_s=z_s, s=s, student_steps=m, clean_start=frozen['clean_start'],
           path=student.path))
+
+
+def bind_loss(config, store, spec):
+  """``methods.Method.loss`` of a distilled encoder. The first encoder's teacher is a DDIM
+  encoder (x_hat(z_0) = z_0), a distilled encoder's is not."""
+  del store
+  c = config
+  return functools.partial(encoder_distill_loss, encode_w=float(c.translate.encode_w),
+                           grid=c.translate.encoder.time_grid,
+                           weighting=losses.weighting(c, c.translate.encoder)), \
+      {'clean_start': jnp.bool_(spec.teacher == 'stage1')}

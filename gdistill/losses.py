@@ -11,6 +11,8 @@ denoiser's noise path. ``shared/METHOD.md`` sections 2-4.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -216,3 +218,40 @@ def stage2_loss(params, frozen, batch, rng, *, student: Denoiser, w_min, w_max, 
       w=uniform_w(w_rng, b, w_min, w_max, w_min_frac), eps_rng=eps_rng, dropout_rng=dropout_rng,
       target_of=lambda x_fn, z_t, t: stage2_target(x_fn, z_t=z_t, t=t, student_steps=n,
                                                    path=student.path))
+
+
+# ---- binders (``methods.Method.loss``): a kind's loss bound to all but the student ------
+
+def weighting(config, section) -> str:
+  """A phase's loss weighting: its section's ``weighting``, else ``diffusion.weighting``."""
+  return section.get('weighting', '') or config.diffusion.weighting
+
+
+def bind_stage1(config, store, spec):
+  del spec
+  c = config
+  return functools.partial(
+      stage1_loss, teacher=store.denoiser(use_w=False),
+      w_min=c.guidance.w_min, w_max=c.guidance.w_max,
+      weighting=weighting(c, c.stage1), w_balance=c.stage1.get('w_balance', False),
+      w_min_frac=float(c.stage1.get('w_min_frac', 0.0)),
+      w_warmup_steps=int(c.model.get('w_warmup_steps', 0))), {}
+
+
+def _bind_halving(config, section, grid):
+  return functools.partial(stage2_loss, w_min=config.guidance.w_min, w_max=config.guidance.w_max,
+                           grid=grid, weighting=weighting(config, section),
+                           w_balance=section.get('w_balance', False),
+                           w_min_frac=float(section.get('w_min_frac', 0.0))), {}
+
+
+def bind_stage2(config, store, spec):
+  del store, spec
+  return _bind_halving(config, config.stage2, config.stage2.time_grid)
+
+
+def bind_stochastic(config, store, spec):
+  """A stochastic-sampler student: a halving trained at every point of the 1/(2N) grid
+  (``both``), the stochastic sampler's jumps of 1/N from each (METHOD.md section 5)."""
+  del store, spec
+  return _bind_halving(config, config.stage2.stochastic, 'both')

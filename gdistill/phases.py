@@ -3,8 +3,8 @@
 For each kind of phase (``gdistill.methods``): its loss, optimiser, initial state,
 frozen inputs and checkpoint meta. Frozen inputs are what a phase reads but never
 trains: the teacher's parameters and, for halvings, the student's step count (a
-traced scalar, so all halvings share one compiled step). ``PhaseBuilder.LOSSES`` maps
-each kind to the method that binds its loss.
+traced scalar, so all halvings share one compiled step). Each kind's loss binding, meta
+and EMA-target need come from its ``methods.Method`` entry.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from gdistill import consistency, encoder, losses, run_plan, sharding
+from gdistill import losses, run_plan, sharding
 from gdistill.loop import Phase
 from gdistill.model_store import ModelStore
 from gdistill.networks import init_params
@@ -31,18 +31,10 @@ def meta(config, store: ModelStore, spec: PhaseSpec) -> dict:
          'image_shape': list(store.image_shape), 'dataset': config.data.name,
          'has_ema': s.ema_decay > 0, 'student_steps': spec.student_steps,
          'w_range': [config.guidance.w_min, config.guidance.w_max]}
-  if spec.kind == run_plan.ENCODER:  # what it encodes with
-    out |= {'encoder': True, 'encode_w': float(config.translate.encode_w)}
-  if spec.kind == run_plan.CONSISTENCY:  # a consistency function: how it samples
-    out |= {'consistency': {'solver': spec.teacher, 'sample_steps': list(spec.sample_steps),
-                            'sigma_data': consistency.SIGMA_DATA,
-                            'boundary_scale': consistency.BOUNDARY_SCALE}}
-  return out | store.codec_meta()
+  return out | spec.method.meta(config, spec) | store.codec_meta()
 
 
-def weighting(config, section) -> str:
-  """A phase's loss weighting: its section's ``weighting``, else ``diffusion.weighting``."""
-  return section.get('weighting', '') or config.diffusion.weighting
+weighting = losses.weighting  # a phase's loss weighting (its section's, else the default)
 
 
 def optimizer(s, num_steps: int):
@@ -71,51 +63,9 @@ class PhaseBuilder:
       frozen['init_params'] = init_params
     if spec.student_steps is not None:
       frozen['num_steps'] = jax.device_put(jnp.int32(spec.student_steps), repl)
-    loss, more = getattr(self, self.LOSSES[spec.kind])(spec)
+    loss, more = spec.method.bind_loss(self.config, self.store, spec)
     frozen |= {k: jax.device_put(v, repl) for k, v in more.items()}
     return self._student(spec, loss, frozen, on_done)
-
-  # A kind's loss: ``method(spec) -> (loss bound to all but student, frozen scalars)``.
-  LOSSES = {run_plan.STAGE1: '_stage1_loss', run_plan.STAGE2: '_stage2_loss',
-            run_plan.ENCODER: '_encoder_loss', run_plan.CONSISTENCY: '_consistency_loss'}
-
-  def _stage1_loss(self, spec):
-    del spec
-    c = self.config
-    return functools.partial(
-        losses.stage1_loss, teacher=self.store.denoiser(use_w=False),
-        w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-        weighting=weighting(c, c.stage1), w_balance=c.stage1.get('w_balance', False),
-        w_min_frac=float(c.stage1.get('w_min_frac', 0.0)),
-        w_warmup_steps=int(c.model.get('w_warmup_steps', 0))), {}
-
-  def _stage2_loss(self, spec):
-    del spec
-    c = self.config
-    return functools.partial(losses.stage2_loss,
-                             w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-                             grid=c.stage2.time_grid, weighting=weighting(c, c.stage2),
-                             w_balance=c.stage2.get('w_balance', False),
-                             w_min_frac=float(c.stage2.get('w_min_frac', 0.0))), {}
-
-  def _encoder_loss(self, spec):
-    c = self.config
-    # The first encoder's teacher is a DDIM encoder (x_hat(z_0) = z_0), a distilled
-    # encoder's is not.
-    return functools.partial(encoder.encoder_distill_loss,
-                             encode_w=float(c.translate.encode_w),
-                             grid=c.translate.encoder.time_grid,
-                             weighting=weighting(c, c.translate.encoder)), \
-        {'clean_start': jnp.bool_(spec.teacher == run_plan.STAGE1)}
-
-  def _consistency_loss(self, spec):
-    c, cd = self.config, self.config.consistency
-    return functools.partial(consistency.consistency_loss, solver=spec.teacher,
-                             teacher=self.store.denoiser(use_w=False),
-                             w_min=c.guidance.w_min, w_max=c.guidance.w_max,
-                             grid_steps=int(cd.grid_steps), skip=int(cd.skip),
-                             distance=cd.distance, w_balance=bool(cd.w_balance),
-                             w_min_frac=float(cd.w_min_frac)), {}
 
   def _teacher(self, spec, on_done) -> Phase:
     c, net = self.config.teacher, self.store.net(use_w=False)
@@ -152,7 +102,7 @@ class PhaseBuilder:
       self._updates[key] = make_update_fn(
           functools.partial(loss, student=student), opt, ema_decay=s.ema_decay,
           ema_warmup=s.ema_warmup, pass_step=loss.keywords.get('w_warmup_steps', 0) > 0,
-          pass_target=spec.kind == run_plan.CONSISTENCY)
+          pass_target=spec.method.pass_target)
     seed, store = self.config.seed, self.store
     init = spec.method.init
     start = 'init_params' if spec.init_from is not None else 'params'

@@ -5,6 +5,7 @@ A phase is one training run of the loop, saved under ``workdir/checkpoints/<name
   teacher          the classifier-free-guided teacher (guided DDIM, 2 evaluations a step);
   stage1           the w-conditioned student that matches the guided teacher;
   stage2_nNNNN     the N-step student of progressive distillation (one per halving);
+  stage2s_nNNNN    the N-step student for the stochastic sampler at 2N steps (optional);
   encoder_nNNNN    the N-step distilled DDIM encoder (for translation);
   consistency      guided consistency distillation's student (multistep sampling, any N).
 
@@ -21,13 +22,12 @@ import re
 from typing import Iterable, Optional, Sequence
 
 from gdistill import methods
-from gdistill.methods import CONSISTENCY, ENCODER, KINDS, STAGE1, STAGE2, TEACHER
+from gdistill.methods import ANY, CONSISTENCY, ENCODER, KINDS, STAGE1, STAGE2, STOCHASTIC, TEACHER
 
 _PREFIX = {k: m.prefix for k, m in methods.METHODS.items() if m.prefix}
 _SINGLE = tuple(k for k, m in methods.METHODS.items() if not m.prefix)
 _NAME = re.compile(r'^(%s)(\d{4,})$' % '|'.join(re.escape(p) for p in _PREFIX.values()))
 _KIND_OF_PREFIX = {p: k for k, p in _PREFIX.items()}
-ANY = None  # ``serves`` step count: any number of steps
 # The step counts a consistency student is evaluated at when no config says otherwise.
 CONSISTENCY_STEPS = (1, 2, 4, 8)
 
@@ -119,20 +119,8 @@ class PhaseSpec:
 
   @property
   def serves(self) -> tuple[tuple[str, Optional[int]], ...]:
-    """(sampler, steps) it samples with; steps ANY: every step count.
-
-    The stochastic sampler at N steps jumps 2/N on the 1/N grid, which the
-    N/2-step student learnt if trained on its finer grid (stage2.time_grid='both',
-    METHOD.md section 5); one trained on its own grid only serves DDIM.
-    """
-    if self.kind in (TEACHER, STAGE1):
-      return (('ddim', ANY), ('stochastic', ANY))
-    if self.kind == STAGE2:
-      stochastic = (('stochastic', 2 * self.student_steps),) if self.fine_grid else ()
-      return (('ddim', self.student_steps),) + stochastic
-    if self.kind == CONSISTENCY:  # multistep consistency sampling
-      return tuple(('consistency', n) for n in self.sample_steps)
-    return (('encode', self.student_steps),)
+    """(sampler, steps) it samples with; steps ANY: every step count (``methods``)."""
+    return self.method.serves(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +155,9 @@ class RunPlan:
     return [p.student_steps for p in self.of_kind(ENCODER)]
 
   def student_for(self, sampler: str, steps: int) -> Optional[PhaseSpec]:
-    """The stage-2 student that serves ``sampler`` at ``steps``, or None."""
-    for p in self.of_kind(STAGE2):
+    """The progressive-distillation student that serves ``sampler`` at ``steps`` (a
+    dedicated stochastic-sampler student before a stage-2 one), or None."""
+    for p in self.of_kind(STOCHASTIC) + self.of_kind(STAGE2):
       if (sampler, steps) in p.serves:
         return p
     return None
@@ -187,7 +176,8 @@ class RunPlan:
 
   def stochastic_steps(self) -> list[int]:
     """Step counts the stochastic sampler is served at by a distilled student."""
-    return [n for p in self.of_kind(STAGE2) for s, n in p.serves if s == 'stochastic']
+    return sorted({n for p in self.of_kind(STOCHASTIC) + self.of_kind(STAGE2)
+                   for s, n in p.serves if s == 'stochastic'}, reverse=True)
 
   def training(self, stages: Iterable[str], *, external_teacher: bool) -> list[PhaseSpec]:
     """The phases a run with ``config.stages`` trains (or resumes), in order."""
@@ -214,17 +204,34 @@ def consistency_phase(*, solver: str = STAGE1, init: str = STAGE1,
                    sample_steps=tuple(int(n) for n in sample_steps))
 
 
+def stochastic_phase(sampler_steps: int, *, init: str = 'ddim',
+                     stage2_start: Optional[int] = None) -> PhaseSpec:
+  """The dedicated student of the stochastic sampler at ``sampler_steps`` = 2N steps: an
+  N-step student that distils the 2N-step DDIM student (stage 1 when 2N is
+  ``stage2_start``) on the 1/(2N) grid, starting from a copy of the N-step DDIM student
+  (``init='ddim'``) or of its teacher (``init='teacher'``)."""
+  n = sampler_steps // 2
+  teacher = STAGE1 if sampler_steps == stage2_start else phase_name(STAGE2, sampler_steps)
+  return PhaseSpec(phase_name(STOCHASTIC, n), STOCHASTIC, n, teacher, 'stage2',
+                   init_from=phase_name(STAGE2, n) if init == 'ddim' else None)
+
+
 def build(*, stage2_start: int, stage2_min: int, encoder_start: Optional[int] = None,
           encoder_min: Optional[int] = None, stage2_fine_grid: bool = True,
-          consistency: Optional[PhaseSpec] = None) -> RunPlan:
+          consistency: Optional[PhaseSpec] = None, stochastic: Sequence[int] = (),
+          stochastic_init: str = 'ddim') -> RunPlan:
   """The plan of halvings: stage-2 students from ``stage2_start`` (the stage-1 model
   sampled at that many steps is their first teacher) down to ``stage2_min``, trained on
-  the finer grid unless ``stage2_fine_grid`` is False; then ``consistency`` (a
-  ``consistency_phase``), if given; with ``encoder_start``, distilled encoders likewise."""
+  the finer grid unless ``stage2_fine_grid`` is False; then the dedicated students of the
+  stochastic sampler at each of ``stochastic`` steps (``stochastic_phase``); then
+  ``consistency`` (a ``consistency_phase``), if given; with ``encoder_start``, distilled
+  encoders likewise."""
   phases = [PhaseSpec(TEACHER, TEACHER, None, None, 'teacher'),
             PhaseSpec(STAGE1, STAGE1, None, TEACHER, 'stage1')]
   phases += _chain(STAGE2, halvings(stage2_start, stage2_min), STAGE1, 'stage2',
                    stage2_fine_grid)
+  phases += [stochastic_phase(int(n), init=stochastic_init, stage2_start=stage2_start)
+             for n in sorted(set(stochastic), reverse=True)]
   if consistency is not None:
     phases.append(consistency)
   if encoder_start is not None:
@@ -233,7 +240,8 @@ def build(*, stage2_start: int, stage2_min: int, encoder_start: Optional[int] = 
 
 
 def from_config(config) -> RunPlan:
-  """The plan of a config: its stage-2 halvings, the consistency student when
+  """The plan of a config: its stage-2 halvings, the stochastic sampler's students
+  (``stage2.stochastic.sampler_steps``), the consistency student when
   ``config.stages`` has ``consistency`` and, when translation distils an encoder
   (``translate.distill_encoder``), the encoder halvings."""
   t = config.get('translate')
@@ -243,10 +251,13 @@ def from_config(config) -> RunPlan:
   if CONSISTENCY in tuple(config.get('stages', ())) and cd is not None:
     consistency = consistency_phase(solver=cd.solver, init=cd.init,
                                     sample_steps=cd.sample_steps)
+  st = config.stage2.get('stochastic')
   return build(stage2_start=config.stage2.start_steps, stage2_min=config.stage2.min_steps,
                encoder_start=t.encoder_start_steps if distill else None,
                encoder_min=t.encoder_min_steps if distill else None,
-               stage2_fine_grid=fine_grid(config), consistency=consistency)
+               stage2_fine_grid=fine_grid(config), consistency=consistency,
+               stochastic=tuple(st.sampler_steps) if st is not None else (),
+               stochastic_init=st.init if st is not None else 'ddim')
 
 
 def fine_grid(config) -> bool:
@@ -269,6 +280,8 @@ def from_names(names: Iterable[str], stage2_fine_grid: bool = True) -> RunPlan:
       phases.append(PhaseSpec(name, kind, None, TEACHER, 'stage1'))
     elif kind == CONSISTENCY:
       phases.append(consistency_phase())
+    elif kind == STOCHASTIC:  # what it serves is all a found plan needs
+      phases.append(stochastic_phase(2 * n))
     else:
       phases.append(PhaseSpec(name, kind, n, previous[kind],
                               'stage2' if kind == STAGE2 else 'translate', stage2_fine_grid))

@@ -67,24 +67,17 @@ class Run:
       log(f'wrote {path}')
 
   def grids_of(self, spec: run_plan.PhaseSpec):
-    """The end-of-phase hook that writes a phase's sample grids (encoders have none)."""
-    s = self.config.samples
-    if spec.kind == run_plan.TEACHER:
-      settings = [(w, s.teacher_steps) for w in sorted({0.0, s.teacher_w})]
-    elif spec.kind == run_plan.STAGE1:  # sampled as the first halving's teacher
-      settings = [(float(w), self.config.stage2.start_steps) for w in s.student_w]
-    elif spec.kind == run_plan.STAGE2:
-      settings = [(float(w), spec.student_steps) for w in s.student_w]
-    elif spec.kind == run_plan.CONSISTENCY:  # multistep consistency sampling
-      settings = [(float(w), n) for w in s.student_w for n in spec.sample_steps]
-    else:
+    """The end-of-phase hook that writes a phase's sample grids (``methods.Method.grids``;
+    encoders have none)."""
+    m = spec.method
+    settings = m.grids(self.config, spec)
+    if not settings:
       return None
-    sampler = 'consistency' if spec.kind == run_plan.CONSISTENCY else 'ddim'
 
     def on_done(params):
       for w, steps in settings:
         self.write_grid(params, mode=spec.mode, w=w, num_steps=steps,
-                        name=spec.name, sampler=sampler)
+                        name=spec.name, sampler=m.sampler)
     return on_done
 
   # ---- quality while training ----------------------------------------------------
@@ -92,12 +85,12 @@ class Run:
   def tracker(self, spec: run_plan.PhaseSpec):
     """``(track(state) -> scores, every)`` of a phase (``config.track``), or (None, 0).
 
-    The phase samples as it is used: the teacher guided and stage 1 at ``track.steps``,
-    an N-step student at N steps, a consistency student at 4 steps (or its fewest);
-    encoders do not sample.
+    The phase samples as it is used (``methods.Method.track_steps``): the teacher guided
+    and stage 1 at ``track.steps``, an N-step student at N steps, a stochastic-sampler
+    student at 2N, a consistency student at 4 steps (or its fewest); encoders do not sample.
     """
-    t = self.config.track
-    if not t.enabled or spec.kind == run_plan.ENCODER:
+    t, m = self.config.track, spec.method
+    if not t.enabled or m.track_steps is None:
       return None, 0
     quick = []  # built on first use: a phase that is already finished tracks nothing
 
@@ -108,14 +101,12 @@ class Run:
           self._features = sweep.feature_net_and_stats(
               self.config, os.path.join(self.workdir, sweep.EVAL_DIR), self.source)
         net, stats = self._features
-        steps = spec.student_steps or t.steps
-        if spec.kind == run_plan.CONSISTENCY:
-          steps = 4 if 4 in spec.sample_steps else min(spec.sample_steps)
         quick.append(quick_fid.QuickFid(
             feature_net=net, reference=stats['reference'],
-            sample_fn=self.store.sampler(spec.mode), image_shape=self.store.image_shape,
+            sample_fn=self.store.sampler(spec.mode, m.sampler),
+            image_shape=self.store.image_shape,
             num_classes=self.store.num_classes, num_samples=t.num_samples,
-            batch_size=t.batch_size, num_steps=steps,
+            batch_size=t.batch_size, num_steps=m.track_steps(self.config, spec),
             w_values=t.w_values, seed=self.config.eval.seed,
             batch_sharding=sharding.batch_sharding(self.mesh), mode=spec.mode,
             k=self.config.eval.precision_recall_k))

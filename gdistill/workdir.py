@@ -32,9 +32,10 @@ ADDED = {**{f'{section}.ema_warmup': False for section in ('teacher', 'stage1', 
          'teacher.allow_signal_at_t1': False, 'model.w_embedding': 'fourier',
          'model.w_warmup_steps': 0, 'model.attn_head_dim': 0, 'model.resblock_resample': False,
          **{f'{section}.weighting': '' for section in ('teacher', 'stage1', 'stage2')}}
-# Sections of phases added after workdirs were recorded: a record without the section never
-# trained its phase, so it matches whatever values the config has there.
-ADDED_SECTIONS = ('consistency',)
+# Sections of phases added after workdirs were recorded, with the stage that trains them: a
+# record without the section never trained its phase, so it matches whatever values the
+# config has there.
+ADDED_SECTIONS = {'consistency': 'consistency', 'stage2.stochastic': 'stage2'}
 # A phase whose learning rate is constant after warm-up can be trained longer: its
 # num_steps may grow (the phase resumes from its last checkpoint).
 EXTENDABLE = ('teacher', 'stage1', 'stage2')
@@ -115,7 +116,8 @@ def record_config(config, workdir: str) -> None:
     old = _flatten(json.loads(storage.read_text(path)))
     new = _flatten(config.to_dict())
     # A section of ADDED_SECTIONS whose stage this run trains is recorded from now on.
-    gained = [sec for sec in ADDED_SECTIONS if sec in tuple(config.get('stages', ()))
+    gained = [sec for sec, stage in ADDED_SECTIONS.items()
+              if stage in tuple(config.get('stages', ()))
               and not any(k.startswith(sec + '.') for k in old)]
     if not gained and not any(_extended(k, old, new) and new[k] != old[k] for k in new):
       return

@@ -54,3 +54,28 @@ def test_a_record_from_before_a_key_existed_still_matches(tmp_path):
   config.teacher.ema_warmup = True
   with pytest.raises(WorkdirError, match='teacher.ema_warmup'):
     check_config(config, str(tmp_path))
+
+
+def test_a_record_from_before_the_stochastic_students_section(tmp_path):
+  """A workdir recorded before stage2.stochastic existed never trained those students: it
+  takes any values there, records the section when a run with stage2 first has it, and
+  from then on holds it like any other."""
+  config = _recorded(tmp_path)
+  with open(tmp_path / 'config.json') as f:
+    recorded = json.load(f)
+  del recorded['stage2']['stochastic']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(recorded, f)
+  config.stage2.stochastic.sampler_steps = (8, 4)
+  config.stages = ('eval',)
+  check_config(config, str(tmp_path))
+  record_config(config, str(tmp_path))  # no stage2 in this run: the record stays as it was
+  assert 'stochastic' not in json.load(open(tmp_path / 'config.json'))['stage2']
+  config.stages = ('stage2', 'eval')
+  check_config(config, str(tmp_path))
+  record_config(config, str(tmp_path))
+  assert json.load(open(tmp_path / 'config.json'))['stage2']['stochastic']['sampler_steps'] == [
+      8, 4]
+  config.stage2.stochastic.sampler_steps = (8,)
+  with pytest.raises(WorkdirError, match='stage2.stochastic.sampler_steps'):
+    check_config(config, str(tmp_path))

@@ -106,7 +106,7 @@ def build_plan(*, w_values: Sequence[float], models: Sequence[str],
     if model not in models:
       continue
     for sampler, steps in spec.serves:
-      if model != 'student' or sampler in samplers:
+      if spec.kind != methods.STAGE2 or sampler in samplers:  # a stage-2 row: if asked
         add(model, steps, sampler, spec.name)
   reference = sorted(set(_ints(teacher_steps))) if 'teacher' in models else []
   if 'teacher_ddim' in models:
@@ -121,7 +121,8 @@ def plan_from_config(eval_config, students: Sequence[PhaseSpec]) -> list[Setting
   """``build_plan`` with the eval section's keys.
 
   ``students``: the finished distilled phases; the config's ``student_steps`` (empty:
-  all) selects among the stage-2 students and the consistency student's step counts.
+  all) selects among the stage-2 students (a stochastic-sampler student by the 2N steps it
+  samples with) and the consistency student's step counts.
   """
   e = eval_config
   wanted = set(_ints(e.student_steps))
@@ -131,7 +132,8 @@ def plan_from_config(eval_config, students: Sequence[PhaseSpec]) -> list[Setting
       steps = tuple(n for n in p.sample_steps if not wanted or n in wanted)
       if steps:
         chosen.append(dataclasses.replace(p, sample_steps=steps))
-    elif not wanted or p.student_steps in wanted:
+    elif not wanted or (2 * p.student_steps if p.kind == methods.STOCHASTIC  # its sampler's
+                        else p.student_steps) in wanted:
       chosen.append(p)
   return build_plan(w_values=e.w_values, models=e.models, teacher_steps=e.teacher_steps,
                     teacher_ddim_steps=e.teacher_ddim_steps, students=chosen,
