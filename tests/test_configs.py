@@ -214,8 +214,9 @@ def random_images(name, shape, classes, n=64):
 @pytest.mark.parametrize('name', ['cifar10', 'imagenet64', 'imagenet64_dit'])
 def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypatch):
   """The full config's structure (levels, blocks, attention, precision, sharding)
-  with 8 channels (a DiT: width 32, 2 blocks): teacher, stage 1 and one halving each run
-  a step on 8 devices."""
+  with 8 channels (a DiT: width 32, 2 blocks): teacher, stage 1, one halving and the
+  stochastic sampler's own student (the authors' two_nvidia_distillation, its section's
+  settings) each run a step on 8 devices."""
   config = load_config(name)
   shape, classes = SHAPES[name]
   with config.unlocked():
@@ -228,12 +229,14 @@ def test_every_stage_runs_a_step_at_tiny_size(name, devices8, tmp_path, monkeypa
         config.model.attn_head_dim = 8
     for phase in ('teacher', 'stage1', 'stage2'):
       config[phase].update(num_steps=1, batch_size=8, warmup_steps=0, checkpoint_every=1)
-    config.stage2.update(start_steps=2, min_steps=1)
+    config.stage2.update(start_steps=2, min_steps=1, time_grid='deterministic')
+    config.stage2.stochastic.update(sampler_steps=(2,), num_steps=1, batch_size=8,
+                                    checkpoint_every=1)
     config.samples.update(per_class=1, max_classes=8, teacher_steps=1, student_w=(1.0,))
   source = random_images(name, shape, classes)
   monkeypatch.setattr(run_setup, 'open_source', lambda *a, **k: source)
   train.train_and_evaluate(config, str(tmp_path))
-  for phase in ('teacher', 'stage1', 'stage2_n0001'):
+  for phase in ('teacher', 'stage1', 'stage2_n0001', 'stage2s_n0001'):
     assert os.listdir(tmp_path / 'checkpoints' / phase)
 
 
