@@ -15,6 +15,15 @@ def _recorded(tmp_path, **teacher):
   return config
 
 
+def _forget(tmp_path, section, key):
+  """Rewrites the record as a gdistill before ``section.key`` existed wrote it."""
+  with open(tmp_path / 'config.json') as f:
+    recorded = json.load(f)
+  del recorded[section][key]
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(recorded, f)
+
+
 def test_a_constant_schedule_phase_may_be_trained_longer(tmp_path):
   config = _recorded(tmp_path, lr_decay='constant')
   config.teacher.num_steps = 300
@@ -45,11 +54,7 @@ def test_a_record_from_before_a_key_existed_still_matches(tmp_path):
   """config.json of a run recorded before teacher.ema_warmup existed: the same run with
   the key at its old behaviour (False) resumes; with it on, it is another run."""
   config = _recorded(tmp_path)
-  with open(tmp_path / 'config.json') as f:
-    recorded = json.load(f)
-  del recorded['teacher']['ema_warmup']
-  with open(tmp_path / 'config.json', 'w') as f:
-    json.dump(recorded, f)
+  _forget(tmp_path, 'teacher', 'ema_warmup')
   check_config(config, str(tmp_path))
   config.teacher.ema_warmup = True
   with pytest.raises(WorkdirError, match='teacher.ema_warmup'):
@@ -61,11 +66,7 @@ def test_a_record_from_before_the_stochastic_students_section(tmp_path):
   takes any values there, records the section when a run with stage2 first has it, and
   from then on holds it like any other."""
   config = _recorded(tmp_path)
-  with open(tmp_path / 'config.json') as f:
-    recorded = json.load(f)
-  del recorded['stage2']['stochastic']
-  with open(tmp_path / 'config.json', 'w') as f:
-    json.dump(recorded, f)
+  _forget(tmp_path, 'stage2', 'stochastic')
   config.stage2.stochastic.sampler_steps = (8, 4)
   config.stages = ('eval',)
   check_config(config, str(tmp_path))
