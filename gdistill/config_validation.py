@@ -59,14 +59,8 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
   if config.diffusion.mean_type not in diffusion.MEAN_TYPES:
     _err('diffusion.mean_type', config.diffusion.mean_type, f'one of {diffusion.MEAN_TYPES}')
   for section in ('teacher', 'stage1', 'stage2'):
-    w = config[section].get('weighting', '')
-    if w and w not in diffusion.LOSS_WEIGHTINGS:
-      _err(f'{section}.weighting', w, f"'' (diffusion.weighting) or one of "
-           f'{diffusion.LOSS_WEIGHTINGS}')
-  w = config.translate.encoder.get('weighting', '')
-  if w and w not in diffusion.LOSS_WEIGHTINGS:
-    _err('translate.encoder.weighting', w, f"'' (diffusion.weighting) or one of "
-         f'{diffusion.LOSS_WEIGHTINGS}')
+    _validate_weighting(section, config[section])
+  _validate_weighting('translate.encoder', config.translate.encoder)
   if config.diffusion.weighting not in diffusion.LOSS_WEIGHTINGS:
     _err('diffusion.weighting', config.diffusion.weighting,
          f'one of {diffusion.LOSS_WEIGHTINGS}')
@@ -124,6 +118,14 @@ def validate(config, *, image_shape: Optional[Sequence[int]] = None,
     validate_eval(config, num_devices=num_devices)
 
 
+def _validate_weighting(key, section) -> None:
+  """A phase section's ``weighting``: '' (the diffusion one) or a known weighting."""
+  w = section.get('weighting', '')
+  if w and w not in diffusion.LOSS_WEIGHTINGS:
+    _err(f'{key}.weighting', w, f"'' (diffusion.weighting) or one of "
+         f'{diffusion.LOSS_WEIGHTINGS}')
+
+
 def _validate_stochastic(config, *, num_devices, num_processes) -> None:
   """``stage2.stochastic``: the stochastic sampler's dedicated students."""
   st, s2 = config.stage2.stochastic, config.stage2
@@ -147,12 +149,7 @@ def _validate_stochastic(config, *, num_devices, num_processes) -> None:
   if s2.time_grid == 'both':
     _err('stage2.stochastic.sampler_steps', steps, "() with stage2.time_grid='both' (its "
          "students already serve the stochastic sampler), or time_grid='deterministic'")
-  w = st.get('weighting', '')
-  if w and w not in diffusion.LOSS_WEIGHTINGS:
-    _err('stage2.stochastic.weighting', w, f"'' (diffusion.weighting) or one of "
-         f'{diffusion.LOSS_WEIGHTINGS}')
-  if not 0.0 <= float(st.w_min_frac) <= 1.0:
-    _err('stage2.stochastic.w_min_frac', st.w_min_frac, 'a fraction in [0, 1]')
+  _validate_weighting('stage2.stochastic', st)
 
 
 def _validate_consistency(config, *, num_devices, num_processes) -> None:

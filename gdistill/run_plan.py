@@ -22,7 +22,8 @@ import re
 from typing import Iterable, Optional, Sequence
 
 from gdistill import methods
-from gdistill.methods import ANY, CONSISTENCY, ENCODER, KINDS, STAGE1, STAGE2, STOCHASTIC, TEACHER
+from gdistill.methods import (  # ANY: re-exported, the step count "any" of `serves`
+    ANY, CONSISTENCY, ENCODER, KINDS, STAGE1, STAGE2, STOCHASTIC, TEACHER)
 
 _PREFIX = {k: m.prefix for k, m in methods.METHODS.items() if m.prefix}
 _SINGLE = tuple(k for k, m in methods.METHODS.items() if not m.prefix)
