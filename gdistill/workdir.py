@@ -76,6 +76,17 @@ def check_and_record_config(config, workdir: str) -> None:
   record_config(config, workdir)
 
 
+def _flag(value) -> str:
+  """A config.json value as a --config.KEY= flag writes it (lists as tuples)."""
+  if isinstance(value, list):
+    return repr(tuple(_flag_value(v) for v in value))
+  return str(value)
+
+
+def _flag_value(v):
+  return tuple(_flag_value(x) for x in v) if isinstance(v, list) else v
+
+
 def check_config(config, workdir: str) -> None:
   """Raises WorkdirError if ``workdir`` holds a run of an incompatible config."""
   storage.check_reachable(workdir)
@@ -93,14 +104,17 @@ def check_config(config, workdir: str) -> None:
     for section in ADDED_SECTIONS:
       if not any(k.startswith(section + '.') for k in old):
         old |= {k: v for k, v in new.items() if k.startswith(section + '.')}
-    for key in sorted(set(old) | set(new)):
-      if _mutable(key) or _extended(key, old, new):
-        continue
-      if old.get(key, '<absent>') != new.get(key, '<absent>'):
-        raise WorkdirError(
-            f'workdir {workdir} holds a run with {key}={old.get(key, "<absent>")!r} but this '
-            f'config has {key}={new.get(key, "<absent>")!r}: use another --workdir, or the '
-            f'same config to resume')
+    differ = [key for key in sorted(set(old) | set(new))
+              if not (_mutable(key) or _extended(key, old, new))
+              and old.get(key, '<absent>') != new.get(key, '<absent>')]
+    if differ:
+      def listed(d):
+        return ', '.join(f'{k}={d.get(k, "<absent>")!r}' for k in differ)
+      resume = ' '.join(f'--config.{k}="{_flag(old[k])}"' for k in differ if k in old)
+      raise WorkdirError(
+          f'workdir {workdir} holds a run with {listed(old)} but this config has '
+          f'{listed(new)}: use another --workdir, or the same config to resume'
+          + (f' ({resume})' if resume and all(k in old for k in differ) else ''))
     return
   if storage.isdir(os.path.join(workdir, 'checkpoints')):
     raise WorkdirError(f'workdir {workdir} holds checkpoints but no {CONFIG_FILE}: expected an '

@@ -80,3 +80,20 @@ def test_a_record_from_before_the_stochastic_students_section(tmp_path):
   config.stage2.stochastic.sampler_steps = (8,)
   with pytest.raises(WorkdirError, match='stage2.stochastic.sampler_steps'):
     check_config(config, str(tmp_path))
+
+
+def test_a_refusal_names_every_difference_and_the_flags_that_resume(tmp_path):
+  """A changed default (here stage 2's) is refused once, with every key that differs and
+  the overrides that give the recorded run's values back."""
+  config = _recorded(tmp_path)
+  config.stage2.w_min_frac = 0.25
+  config.stage2.stochastic.sampler_steps = (8, 4)
+  with pytest.raises(WorkdirError) as e:
+    check_config(config, str(tmp_path))
+  message = str(e.value)
+  assert 'stage2.stochastic.sampler_steps=[], stage2.w_min_frac=0.0 but' in message
+  assert ('(--config.stage2.stochastic.sampler_steps="()" --config.stage2.w_min_frac="0.0")'
+          in message)
+  config.stage2.w_min_frac = 0.0
+  config.stage2.stochastic.sampler_steps = ()
+  check_config(config, str(tmp_path))
