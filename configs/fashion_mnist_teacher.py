@@ -22,6 +22,7 @@ def get_config():
   c = config_file('fashion_mnist.py', relative_to=__file__)
   c.stages = ('teacher',)
   c.teacher_checkpoint = ''
+  c.track.enabled = True  # its quick-FID curve (every 1000 steps)
   c.checkpoint.max_to_keep = 40  # every checkpoint, for benchmarks/teacher_curve.py
   c.checkpoint.keep_train_state = True  # so that it can be trained longer
   return c

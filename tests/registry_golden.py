@@ -23,6 +23,13 @@ import numpy as np
 CONFIGS = ('smoke', 'fashion_mnist', 'fashion_mnist_latent', 'fashion_mnist_latent_teacher',
            'fashion_mnist_teacher', 'cifar10', 'imagenet64', 'imagenet64_dit')
 ALL_STAGES = ('teacher', 'stage1', 'stage2', 'consistency', 'eval', 'translate')
+# Settings a config changed on purpose after the golden was made, put back to the golden's
+# values so the comparison still pins the wiring (what a change adds is tested on its own):
+# configs/fashion_mnist.py (and the teacher config built on it) took stage2.w_min_frac 0.25
+# and the stochastic sampler's students at 8 and 4 steps as its default (issue 30's claims
+# for every seed; test_stochastic_students tests those phases).
+_PIXEL_RECIPE = {'stage2.w_min_frac': 0.0, 'stage2.stochastic.sampler_steps': ()}
+SINCE_GOLDEN = {'fashion_mnist': _PIXEL_RECIPE, 'fashion_mnist_teacher': _PIXEL_RECIPE}
 
 
 def load_config(repo: str, name: str):
@@ -31,6 +38,12 @@ def load_config(repo: str, name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
+  for key, value in SINCE_GOLDEN.get(name, {}).items():
+    *parents, leaf = key.split('.')
+    section = c
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
   c.stages = ALL_STAGES
   c.translate.distill_encoder = True
   c.track.enabled = True

@@ -1,6 +1,7 @@
 """The full-scale configs are complete: they validate, build at full size
 (abstractly), shard, and run every training stage for a step at tiny size."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -260,5 +261,9 @@ def test_latent_configs_name_the_shipped_autoencoder_and_fit_its_latents(name):
   # The pixel default's pipeline, so the two reports compare.
   for key in ('stages', 'stage1', 'stage2', 'translate'):
     if name == 'fashion_mnist_latent':
-      assert config[key] == pixel[key], key
+      want = pixel[key]
+      if key == 'stage2':  # less what the pixel default added after the latent measurement
+        want = copy.deepcopy(want)
+        want.w_min_frac, want.stochastic.sampler_steps = 0.0, ()
+      assert config[key] == want, key
   assert config.eval.num_samples == pixel.eval.num_samples

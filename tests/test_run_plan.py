@@ -30,13 +30,17 @@ def test_plan_of_the_embedded_default():
   config.translate.update(distill_encoder=True, encoder_start_steps=32, encoder_min_steps=4)
   plan = run_plan.from_config(config)
   assert plan.names == ['teacher', 'stage1', 'stage2_n0032', 'stage2_n0016', 'stage2_n0008',
-                        'stage2_n0004', 'stage2_n0002', 'stage2_n0001', 'encoder_n0016',
-                        'encoder_n0008', 'encoder_n0004']
+                        'stage2_n0004', 'stage2_n0002', 'stage2_n0001', 'stage2s_n0004',
+                        'stage2s_n0002', 'encoder_n0016', 'encoder_n0008', 'encoder_n0004']
   assert plan.student_steps == [32, 16, 8, 4, 2, 1] and plan.encoder_steps == [16, 8, 4]
-  # Each halving distils the one before it; the first of each chain distils stage 1.
+  # Each halving distils the one before it; the first of each chain distils stage 1; the
+  # stochastic sampler's 8- and 4-step students distil the 8- and 4-step DDIM students.
   assert [plan[n].teacher for n in plan.names] == [
       None, 'teacher', 'stage1', 'stage2_n0032', 'stage2_n0016', 'stage2_n0008', 'stage2_n0004',
-      'stage2_n0002', 'stage1', 'encoder_n0016', 'encoder_n0008']
+      'stage2_n0002', 'stage2_n0008', 'stage2_n0004', 'stage1', 'encoder_n0016',
+      'encoder_n0008']
+  assert plan.student_for('stochastic', 8).name == 'stage2s_n0004'
+  assert plan.student_for('stochastic', 4).name == 'stage2s_n0002'
   assert plan['teacher'].mode == 'guided' and not plan['teacher'].use_w
   assert plan['stage2_n0004'].mode == 'student' and plan['stage2_n0004'].use_w
   assert plan['encoder_n0008'].stage == 'translate'
