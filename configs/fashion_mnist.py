@@ -86,7 +86,7 @@ def get_config():
   c.translate.encoder.update(num_steps=100, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                              lr_decay='linear', checkpoint_every=50)
   # Evaluation: the teacher's rows ship measured (below), so the sweep samples the students:
-  # 45k network evaluations, about 2 minutes on the 2-core CPU (it prints its rate and ETA).
+  # 81k network evaluations, about 4 minutes on the 2-core CPU (it prints its rate and ETA).
   # 1000 samples per row (FID noise ~0.1 in the classifier's space; 500 would give ~0.3).
   # Rows: students at 1-8 steps (ddim; the stochastic sampler's students at 4 and 8), the
   # teacher's guided DDIM at 1-8 steps (NFE 2-16, the baseline) and at 64 steps (NFE 128,
