@@ -78,13 +78,9 @@ def check_and_record_config(config, workdir: str) -> None:
 
 def _flag(value) -> str:
   """A config.json value as a --config.KEY= flag writes it (lists as tuples)."""
-  if isinstance(value, list):
-    return repr(tuple(_flag_value(v) for v in value))
-  return str(value)
-
-
-def _flag_value(v):
-  return tuple(_flag_value(x) for x in v) if isinstance(v, list) else v
+  def tuples(v):
+    return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  return repr(tuples(value)) if isinstance(value, list) else str(value)
 
 
 def check_config(config, workdir: str) -> None:
@@ -110,11 +106,12 @@ def check_config(config, workdir: str) -> None:
     if differ:
       def listed(d):
         return ', '.join(f'{k}={d.get(k, "<absent>")!r}' for k in differ)
-      resume = ' '.join(f'--config.{k}="{_flag(old[k])}"' for k in differ if k in old)
+      resume = ''
+      if all(k in old for k in differ):  # the flags that give the recorded run back
+        resume = ' (' + ' '.join(f'--config.{k}="{_flag(old[k])}"' for k in differ) + ')'
       raise WorkdirError(
           f'workdir {workdir} holds a run with {listed(old)} but this config has '
-          f'{listed(new)}: use another --workdir, or the same config to resume'
-          + (f' ({resume})' if resume and all(k in old for k in differ) else ''))
+          f'{listed(new)}: use another --workdir, or the same config to resume{resume}')
     return
   if storage.isdir(os.path.join(workdir, 'checkpoints')):
     raise WorkdirError(f'workdir {workdir} holds checkpoints but no {CONFIG_FILE}: expected an '
