@@ -62,15 +62,19 @@ def test_plan_counts_nfe_and_serves_stochastic_rows_from_the_half_step_student()
 
 def test_plan_runs_expensive_rows_at_fewer_w_and_selects_students():
   c = _config('fashion_mnist')
-  settings = plan.plan_from_config(c.eval, run_plan.from_config(c).of_kind('stage2'))
+  # The students the sweep plans for (sweep.evaluate: every distilled phase of the plan).
+  settings = plan.plan_from_config(c.eval, run_plan.from_config(c).distilled())
   assert all(s.w in (0.0, 1.0) for s in settings if s.nfe > c.eval.expensive_nfe)
   assert {s.w for s in settings if s.nfe <= c.eval.expensive_nfe} == set(c.eval.w_values)
   assert 'stage2_n0016' not in {s.phase for s in settings}
   assert {s.steps for s in settings if s.model == 'teacher'} == {64}
-  # Students of the deterministic grid: no stochastic rows.
-  assert {s.sampler for s in settings if s.model == 'student'} == {'ddim'}
+  # The DDIM grid's students give DDIM rows only; the stochastic sampler's rows are its
+  # own students', at 8 and 4 steps.
+  stochastic = {(s.phase, s.steps) for s in settings if s.sampler == 'stochastic'}
+  assert stochastic == {('stage2s_n0004', 8), ('stage2s_n0002', 4)}
+  assert all(s.sampler == 'ddim' for s in settings if s.phase.startswith('stage2_n'))
   # The sizing the config's comment quotes (the teacher's rows ship measured).
-  assert sum(s.nfe for s in settings if s.model == 'student') * c.eval.num_samples == 45_000
+  assert sum(s.nfe for s in settings if s.model == 'student') * c.eval.num_samples == 81_000
 
 
 @pytest.mark.parametrize('key, value, fragment', [
