@@ -26,6 +26,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gdistill.data import decoded_cache
 from gdistill.data import fashion_mnist_local
 
 DEFAULT_FASHION_MNIST_DIR = fashion_mnist_local.DEFAULT_SOURCE_DIR
@@ -62,6 +63,9 @@ class ImageSource:
       decode by index.
     image_key: Feature key of the images in the data source's examples.
     label_key: Feature key of the labels.
+    cache_path: Where the decoded split is kept for the next process
+      (``decoded_cache``; None: not kept).
+    cache_key: What that file must hold to be used.
   """
 
   name: str
@@ -74,6 +78,8 @@ class ImageSource:
   in_memory: bool = False
   image_key: str = 'image'
   label_key: str = 'label'
+  cache_path: str | None = None
+  cache_key: str = ''
   _images: np.ndarray | None = dataclasses.field(
       default=None, init=False, repr=False, compare=False)
   _labels: np.ndarray | None = dataclasses.field(
@@ -145,6 +151,11 @@ class ImageSource:
     with self._lock:
       if self._images is not None:
         return
+      cached = decoded_cache.load(self.cache_path, self.cache_key, self.num_examples,
+                                  self.image_shape)
+      if cached is not None:
+        self._images, self._labels = cached
+        return
       logging.info('Decoding %s:%s (%d examples) into memory.', self.name,
                    self.split, self.num_examples)
       chunks = self._decoded().batch(_LOAD_CHUNK).to_iter_dataset(
@@ -157,6 +168,7 @@ class ImageSource:
         images[start:stop], labels[start:stop] = chunk['image'], chunk['label']
         start = stop
       self._images, self._labels = images, labels
+      decoded_cache.save(self.cache_path, self.cache_key, images, labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +432,16 @@ def _make_source(name: str, split: str,
   image_shape = tuple(int(d) for d in image.shape)
   num_examples = len(data_source)
   decoded_bytes = num_examples * int(np.prod(image_shape))
+  in_memory = decoded_bytes < IN_MEMORY_MAX_BYTES
+  cache_path, cache_key = None, ''
+  if in_memory:
+    try:
+      files = builder.info.splits[split].file_instructions
+    except (KeyError, ValueError, AttributeError):
+      files = None  # not a split TFDS can list files for: decoded every time
+    if files:
+      cache_path, cache_key = decoded_cache.path_and_key(
+          builder.data_dir, split, image_shape, image_key, label_key, files)
   return ImageSource(
       name=name,
       split=split,
@@ -428,7 +450,9 @@ def _make_source(name: str, split: str,
       num_classes=int(label.num_classes),
       class_names=list(label.names),
       data_source=data_source,
-      in_memory=decoded_bytes < IN_MEMORY_MAX_BYTES,
+      in_memory=in_memory,
       image_key=image_key,
       label_key=label_key,
+      cache_path=cache_path,
+      cache_key=cache_key,
   )
