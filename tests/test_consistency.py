@@ -3,14 +3,12 @@
 The maths with a tiny U-Net whose weights are all perturbed: the boundary condition
 holds exactly, the target is the samplers' own guided DDIM step (checked against an
 independent float64 computation of the guided x_hat and the DDIM formula), and the loss
-compares the student's output with the EMA target network's at that point. The run: a
-consistency phase of the smoke config writes its report rows, grids and training cost;
-slow: killed with SIGKILL after its first checkpoint and resumed, it ends with exactly the
+compares the student's output with the EMA target network's at that point. The run (its
+report rows, grids and training cost) is tests/test_methods_run.py's; slow: killed with SIGKILL after its first checkpoint and resumed, it ends with exactly the
 uninterrupted run's parameters.
 """
 
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -240,20 +238,6 @@ def ref_workdir(base_workdir, fashion_data_dir, tmp_path_factory):
                         text=True, timeout=RUN_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return ref
-
-
-def test_consistency_run_writes_its_rows_grids_and_cost(ref_workdir):
-  """The report: consistency rows at its step counts and every w; the phase's grids and
-  its training cost."""
-  ref = ref_workdir
-  rep = json.loads(open(os.path.join(ref, 'eval', 'report.json')).read())
-  got = {(r['steps'], r['w']) for r in rep['rows'] if r['model'] == 'consistency'}
-  assert got == {(n, w) for n in (1, 2) for w in (0.0, 1.0)}, got
-  assert all(r['sampler'] == 'consistency' and r['nfe'] == r['steps']
-             for r in rep['rows'] if r['model'] == 'consistency')
-  cost = json.loads(open(os.path.join(ref, 'train_cost.json')).read())['consistency']
-  assert cost['steps'] == 4 and cost['images'] == 64 and cost['seconds'] > 0
-  assert os.path.isfile(os.path.join(ref, 'samples', 'consistency_steps2_w2.png'))
 
 
 # Slow (two more runs; CI time): the fast suite kills and resumes stage 1 (test_pipeline).

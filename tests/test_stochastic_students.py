@@ -6,24 +6,17 @@ starting from a copy of the N-step DDIM student; it serves that sampler (before 
 student) and nothing else. Its loss is stage 2's on the ``both`` grid with its own
 section's settings. Bad settings fail validation naming the key. The run: the smoke
 config with DDIM-only halvings and stochastic students at 8 and 4 steps trains them after
-the halvings, writes their grids and their report rows (model ``student``, sampler
-``stochastic``), and ``gdistill.sample --sampler=stochastic`` samples with them.
+the halvings, writes their grids and their report rows, and ``gdistill.sample
+--sampler=stochastic`` samples with them (tests/test_methods_run.py, one run with the
+consistency phase).
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-import smoke_workdir
 from gdistill import losses, methods, run_plan
 from gdistill.config_base import base_config
 from gdistill.config_validation import ConfigError, validate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_TIMEOUT_S = 3600
 
 
 def test_plan_chains_each_stochastic_student_to_its_ddim_students():
@@ -96,52 +89,3 @@ def test_merged_students_and_dedicated_ones_are_refused_together():
   assert c.stage2.time_grid == 'both'
   with pytest.raises(ConfigError, match="time_grid='deterministic'"):
     validate(c, image_shape=(28, 28, 1), num_devices=1)
-
-
-# ---- the run ---------------------------------------------------------------------------
-
-STAGES = "('teacher','stage1','stage2','eval')"
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory, fashion_data_dir):
-  """The smoke config, DDIM-only halvings 4 and 2, stochastic students for 8 and 4 steps;
-  the sweep samples the students' rows only."""
-  path = str(tmp_path_factory.mktemp('stochastic') / 'run')
-  cmd = [sys.executable, '-m', 'gdistill.main', '--config=configs/smoke.py',
-         f'--workdir={path}', f'--config.stages={STAGES}',
-         f'--config.data.data_dir={fashion_data_dir}', '--config.stage2.time_grid=deterministic',
-         '--config.stage2.stochastic.sampler_steps=(8, 4)',
-         '--config.stage2.stochastic.num_steps=2', '--config.stage2.stochastic.batch_size=16',
-         '--config.stage2.stochastic.checkpoint_every=2', "--config.eval.models=('student',)",
-         "--config.eval.samplers=('ddim', 'stochastic')"]
-  proc = subprocess.run(cmd, cwd=REPO, env=smoke_workdir.subprocess_env(), capture_output=True,
-                        text=True, timeout=RUN_TIMEOUT_S)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return path
-
-
-def test_run_trains_them_after_the_halvings_and_reports_their_rows(workdir):
-  done = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  assert done == ['stage1', 'stage2_n0002', 'stage2_n0004', 'stage2s_n0002', 'stage2s_n0004',
-                  'teacher'], done
-  rep = json.loads(open(os.path.join(workdir, 'eval', 'report.json')).read())
-  rows = {(r['sampler'], r['steps'], r['w']): r for r in rep['rows'] if r['model'] == 'student'}
-  assert set(rows) == {(s, n, w) for s, ns in (('ddim', (2, 4)), ('stochastic', (4, 8)))
-                       for n in ns for w in (0.0, 1.0)}, sorted(rows)
-  assert rows[('stochastic', 8, 0.0)]['checkpoint'].startswith('stage2s_n0004@')
-  assert rows[('stochastic', 4, 1.0)]['nfe'] == 4
-  assert os.path.isfile(os.path.join(workdir, 'samples', 'stage2s_n0004_steps8_w2.png'))
-  cost = json.loads(open(os.path.join(workdir, 'train_cost.json')).read())
-  assert cost['stage2s_n0002']['steps'] == 2
-
-
-def test_sample_command_uses_the_dedicated_student(workdir, tmp_path):
-  out = str(tmp_path / 's.png')
-  proc = subprocess.run([sys.executable, '-m', 'gdistill.sample', f'--workdir={workdir}',
-                         '--sampler=stochastic', '--steps=8', '--num=4', '--w=1',
-                         f'--output={out}'], cwd=REPO, env=smoke_workdir.subprocess_env(),
-                        capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'stage2s_n0004' in proc.stdout + proc.stderr
-  assert os.path.isfile(out)
