@@ -60,7 +60,9 @@ def fashion_data_dir(tmp_path_factory):
 
   Reuses TFDS's default directory when gdistill's local copy is already
   prepared there (the common case, and instant); otherwise prepares it once per
-  session from Debian's IDX files into a temporary directory. Returns '' for
+  session from Debian's IDX files into a temporary directory that every
+  pytest-xdist worker of the session shares (``prepare`` locks it; the decoded
+  splits cached there serve every worker's commands). Returns '' for
   the default directory, so it can be passed as ``--config.data.data_dir=``.
   """
   from gdistill.data import fashion_mnist_local  # pylint: disable=g-import-not-at-top
@@ -73,7 +75,10 @@ def fashion_data_dir(tmp_path_factory):
   if fashion_mnist_local.missing_files(source):
     pytest.skip(f'Fashion-MNIST IDX files absent from {source} '
                 '(sudo apt-get install dataset-fashion-mnist)')
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    data_dir = str(tmp_path_factory.getbasetemp().parent / 'tfds')
+  else:
+    data_dir = str(tmp_path_factory.mktemp('tfds'))
   fashion_mnist_local.prepare(data_dir, source)
   return data_dir
 
