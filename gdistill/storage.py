@@ -128,12 +128,13 @@ def write_text(path: PathLike, text: str) -> None:
   write_bytes(path, text.encode('utf-8'))
 
 
-def write_with(path: PathLike, save: Callable[[io.BytesIO], None]) -> None:
+def write_with(path: PathLike, save: Callable[[io.BytesIO], None], *,
+               tmp_suffix: str = '.tmp') -> None:
   """``save(file)`` into memory, then ``write_bytes``: for writers that take a file
   object (PIL, numpy, matplotlib)."""
   buffer = io.BytesIO()
   save(buffer)
-  write_bytes(path, buffer.getvalue())
+  write_bytes(path, buffer.getvalue(), tmp_suffix=tmp_suffix)
 
 
 def create_new(path: PathLike, data: bytes) -> bool:

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gdistill import storage
+
 ENV = 'GDISTILL_DECODED_CACHE'
 
 
@@ -75,14 +77,9 @@ def save(path: Optional[str], key: str, images: np.ndarray, labels: np.ndarray) 
   """Writes the cache file atomically; a directory that cannot take it is left alone."""
   if path is None:
     return
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, images=images, labels=labels, key=np.array(key))
-    os.replace(tmp, path)
+  try:  # one temporary name per process: two commands may decode the split at once
+    storage.write_with(path, lambda f: np.savez(f, images=images, labels=labels,
+                                                key=np.array(key)),
+                       tmp_suffix=f'.tmp{os.getpid()}')
   except OSError as e:
     logging.info('decoded-data cache not written to %s (%s)', path, e)
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
