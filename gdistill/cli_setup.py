@@ -113,17 +113,28 @@ def _is_closed_loop_callback(unraisable) -> bool:
           all(os.sep + 'asyncio' + os.sep in code.co_filename for code in frames))
 
 
+def _is_abandoned_orbax_read(unraisable) -> bool:
+  """Orbax restores every array's shards concurrently; when one read fails (a truncated
+  or corrupt checkpoint file) the other reads are closed unfinished, and Orbax's wrapper
+  around each read turns the GeneratorExit of closing it into an exception that Python
+  can only print (one traceback per array). The read that failed is what the loop
+  reports, and falls back from (loop.latest_state)."""
+  code = getattr(unraisable.object, 'cr_code', None)  # a coroutine's
+  return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+          and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit))
+
+
 def _quiet_closed_loop_callbacks():
   """TensorStore reports exceptions of its Python callbacks through
   ``sys.unraisablehook``, printed as bare tracebacks (one per pending write: hundreds
-  on a full disk); those of a closed event loop are dropped, every other one is
-  reported as before."""
+  on a full disk); those of a closed event loop are dropped, and so are Orbax's reads
+  abandoned after another read failed; every other one is reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, 'gdistill_quiet', False):
     return
 
   def hook(unraisable):
-    if not _is_closed_loop_callback(unraisable):
+    if not (_is_closed_loop_callback(unraisable) or _is_abandoned_orbax_read(unraisable)):
       previous(unraisable)
 
   hook.gdistill_quiet = True

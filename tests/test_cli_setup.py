@@ -3,6 +3,7 @@ under it (Orbax, TensorStore, asyncio) print on their way down."""
 
 import asyncio
 import errno
+import os
 import sys
 import time
 import types
@@ -102,3 +103,41 @@ def test_tensorstore_reports_a_closed_loop_callback_as_dropped(monkeypatch):
 
 async def _await(future):
   return await future
+
+
+# A coroutine of Orbax's shape (serialization.py's _read_array_index_and_device_put): any
+# exception of the read, GeneratorExit included, wrapped into another.
+_READ = """
+async def read(wait):
+  try:
+    return await wait
+  except BaseException as e:
+    raise Exception('Encountered error while reading array index') from e
+"""
+
+
+def _coroutine_in(filename):
+  namespace = {}
+  exec(compile(_READ, filename, 'exec'), namespace)  # pylint: disable=exec-used
+  return namespace['read']
+
+
+@pytest.mark.parametrize('where, dropped', [
+    (f'{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint{os.sep}serialization.py', True),
+    (f'{os.sep}work{os.sep}gdistill{os.sep}loop.py', False)])
+def test_an_abandoned_orbax_read_is_dropped_others_reported(monkeypatch, where, dropped):
+  """A read closed unfinished (garbage-collected after a sibling read failed) reports
+  through sys.unraisablehook; the hook drops Orbax's, and reports the same from elsewhere."""
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: reported.append(u))
+  cli_setup._quiet_closed_loop_callbacks()  # pylint: disable=protected-access
+  loop = asyncio.new_event_loop()
+  try:
+    coro = _coroutine_in(where)(loop.create_future())
+    coro.send(None)  # suspended at its await, as the abandoned reads are
+    del coro  # closed by the garbage collector: GeneratorExit, wrapped
+  finally:
+    loop.close()
+  assert len(reported) == int(not dropped)
+  if reported:
+    assert isinstance(reported[0].exc_value.__cause__, GeneratorExit)
