@@ -33,7 +33,7 @@ from gd_testlib import GaussianData  # pylint: disable=g-import-not-at-top,wrong
 
 # Files that run whole smoke pipelines go first: pytest-xdist (pytest.ini) hands out
 # whole files in collection order, and the longest one started last would finish alone.
-LONGEST_FIRST = ('test_pipeline.py', 'test_gmm_distillation.py', 'test_loop.py', 'test_gcs.py',
+LONGEST_FIRST = ('test_pipeline.py', 'test_loop.py', 'test_gcs.py', 'test_demo.py',
                  'test_data.py')
 
 

@@ -33,6 +33,7 @@ def _bench(script, *args, tmp_path, timeout=900):
   return {r['name']: r['value'] for r in records}, proc.stdout
 
 
+@pytest.mark.slow  # CI time: 22 s of lowering three steps
 def test_model_flops_of_the_stages(tmp_path):
   """Lowered on abstract inputs: a stage-1/2 step is a teacher step plus two
   forward passes of the network (backward ~2 forwards), so ~5/3 of its FLOPs."""

@@ -13,7 +13,9 @@ Measured (2026-12-02, 2-core CPU, `pytest -s` prints them): the 1-step student's
 0.108 / 0.071 / 0.107 against 0.124 / 0.121 / 0.139 (the 4-step student's 0.070 / 0.061 /
 0.069); the teacher's own guided DDIM at 2 steps (4 network evaluations) reads SW 0.18 /
 0.16 / 0.18 and RMSE 0.36 / 0.43 / 0.55, so the metric tells a distilled sampler from an
-undistilled one (asserted too). About 90 s on one core.
+undistilled one (asserted too). About 90 s on one core: slow (``-m slow``), for CI's time;
+the default suite pins the same losses' targets exactly (test_losses) and trains them
+through the real loop (test_pipeline's smoke run).
 """
 
 import functools
@@ -27,6 +29,8 @@ import pytest
 
 from gmm_teacher import GaussianMixtureTeacher
 from gdistill import denoiser, guidance, losses, samplers
+
+pytestmark = pytest.mark.slow
 
 SHAPE = (1, 1, 2)
 GM = GaussianMixtureTeacher(shape=SHAPE, s=0.25)
