@@ -147,7 +147,9 @@ def _files(directory):
 
 # Orbax's reads abandoned after the one that failed print as "Exception ignored in" (the
 # commands drop them: cli_setup._is_abandoned_orbax_read; pytest shows them as warnings).
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.filterwarnings('ignore:Exception ignored in. <coroutine object '
+                            '_read_array_index_and_device_put:'
+                            'pytest.PytestUnraisableExceptionWarning')
 def test_truncated_file_of_newest_checkpoint_falls_back_to_the_intact_one(two_checkpoints):
   """Any file of the newest checkpoint cut in half: the phase resumes from the newest
   checkpoint that reads (or from the newest, if what was cut is not needed), never from
