@@ -2,16 +2,16 @@
 stage-1 and stage-2 targets, the encoder target and every compiled sampler, with a tiny
 U-Net whose weights are all perturbed.
 
-``tests/data/protocol_golden.npz`` holds these arrays as computed by the code before the
-denoiser protocol (main at ``GOLDEN_COMMIT``):
+``test_protocol_golden.py`` runs this module twice on the same machine: with the code
+before the denoiser protocol (main at ``GOLDEN_COMMIT``, unpacked from the history), which
+is the same as
 
   git worktree add /tmp/base GOLDEN_COMMIT
   cd /tmp/base && PYTHONPATH=/tmp/base:$REPO/tests python -m protocol_golden OUT.npz
 
-(``__main__`` sets the 8 fake CPU devices of ``tests/conftest.py``: XLA's CPU thread
-split, and so the float32 roundoff, depends on the device count.)
-
-``test_protocol_golden.py`` recomputes them with today's code and asserts bit equality.
+and with today's code in the test's own process, and asserts bit equality. (``__main__``
+sets the 8 fake CPU devices of ``tests/conftest.py``: XLA's CPU thread split, and so the
+float32 roundoff, depends on the device count, as it depends on the machine's CPU.)
 """
 
 from __future__ import annotations
