@@ -1,10 +1,31 @@
 """Helpers shared by the tests (imported as a plain module from tests/)."""
 
+import os
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
+
 from gdistill import diffusion
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unpack_commit(commit: str, dest: str, *paths: str) -> str:
+  """The tree of ``commit`` (or only ``paths`` of it) unpacked into ``dest``, from this
+  checkout's history; skips the test where git or the commit is absent."""
+  try:
+    archive = subprocess.run(['git', 'archive', commit, *paths], cwd=REPO,
+                             capture_output=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    pytest.skip(f'git history with {commit} not available in {REPO} (a shallow clone or no '
+                f'git checkout: git fetch --unshallow): {e}')
+  os.makedirs(dest, exist_ok=True)
+  subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
+  return dest
 
 
 # Random weights come from numpy, not jax.random: compiling threefry for a

@@ -11,21 +11,10 @@ import numpy as np
 import pytest
 
 import smoke_workdir
+from gd_testlib import unpack_commit
 
 OLD_COMMIT = 'dbe78ec'  # main before gdistill.run_plan and gdistill.model_store
 REPO = smoke_workdir.REPO
-
-
-def _old_source(dest: str) -> str:
-  """The package as it was at OLD_COMMIT, unpacked into ``dest``; skips without git history."""
-  try:
-    archive = subprocess.run(['git', 'archive', OLD_COMMIT, 'gdistill', 'configs'], cwd=REPO,
-                             capture_output=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError) as e:
-    pytest.skip(f'git history with {OLD_COMMIT} not available here: {e}')
-  os.makedirs(dest)
-  subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
-  return dest
 
 
 def _gdistill(module, *args, cwd=REPO, pythonpath=REPO, timeout=900):
@@ -39,7 +28,7 @@ def _gdistill(module, *args, cwd=REPO, pythonpath=REPO, timeout=900):
 def old_workdir(tmp_path_factory, fashion_data_dir):
   """Teacher and stage 1 of the smoke config, trained by the code at OLD_COMMIT."""
   base = tmp_path_factory.mktemp('old')
-  src = _old_source(str(base / 'src'))
+  src = unpack_commit(OLD_COMMIT, str(base / 'src'), 'gdistill', 'configs')
   workdir = str(base / 'workdir')
   proc = _gdistill('main', '--config=configs/smoke.py', f'--workdir={workdir}',
                    "--config.stages=('teacher','stage1')",

@@ -10,40 +10,23 @@ the same code on another in 935 of 952 arrays, by ~1e-7). Skips where the histor
 (a shallow clone, an sdist). Slow: ~20 compilations, twice.
 """
 
-import io
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 
 import protocol_golden
+from gd_testlib import unpack_commit
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-
-
-def _unpack(commit: str, dest: str) -> None:
-  """The tree of ``commit`` into ``dest``; skips the test where git or the commit is absent."""
-  try:
-    subprocess.run(['git', '-C', REPO, 'rev-parse', '--verify', '--quiet', f'{commit}^{{commit}}'],
-                   check=True, capture_output=True)
-  except (OSError, subprocess.CalledProcessError):
-    pytest.skip(f'commit {commit} is not in the history of {REPO} (a shallow clone or no git '
-                'checkout): the reference is computed by that commit\'s code; run this test '
-                'in a full clone (git fetch --unshallow)')
-  archive = subprocess.run(['git', '-C', REPO, 'archive', '--format=tar', commit],
-                           check=True, capture_output=True).stdout
-  with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-    tar.extractall(dest)
 
 
 def reference(dest: str) -> dict:
   """What the code at ``GOLDEN_COMMIT`` computes on this machine (8 CPU devices, as here)."""
   base = os.path.join(dest, 'base')
-  _unpack(protocol_golden.GOLDEN_COMMIT, base)
+  unpack_commit(protocol_golden.GOLDEN_COMMIT, base)
   out = os.path.join(dest, 'reference.npz')
   # The old gdistill first on the path (an editable install would find today's), today's
   # protocol_golden (the same computation, written for either API) after it.
