@@ -43,9 +43,11 @@ def get_config():
   # (at 600 steps, same data order: quick FID w = 0 / 1 8.58 / 20.1 decaying against
   # 9.41 / 21.7 constant), each example's loss balanced over w, and a quarter of the
   # examples at w = 0 exactly (stage1.w_min_frac: the students' w = 0 recall, 4 steps 0.672
-  # -> 0.699) over 1600 steps (at 1200 it cost w = 1: 8-step FID 18.85 against the target
-  # 17.89; at 1600 17.79). docs/teacher.md has the measurements.
-  c.stage1.update(num_steps=1600, batch_size=64, learning_rate=2e-4, warmup_steps=20,
+  # -> 0.699) over 1000 steps: 1600 before the stochastic students carried w = 1 (at 1200
+  # the DDIM 8-step student's w = 1 FID was 18.85 against the target 17.89); 1000 with them
+  # keeps w = 0 where 1600 had it (8-step FID 5.80-6.10 against 6.14-6.46 over seeds 0-2)
+  # and saves 14 minutes at 0.7 steps/s. docs/teacher.md has the measurements.
+  c.stage1.update(num_steps=1000, batch_size=64, learning_rate=2e-4, warmup_steps=20,
                   lr_decay='linear', checkpoint_every=100, w_balance=True, w_min_frac=0.25)
   # Stage 2 starts from stage 1 at 64 steps (at 32 it is already worse than the 8-step
   # target: 1000 samples, w = 0 / 1: 6.87 / 19.3 at 32 steps, 6.21 / 18.4 at 64) and trains
@@ -53,24 +55,28 @@ def get_config():
   # which gives DDIM's points half the training); each example's loss is balanced over w as
   # in stage 1 (without it each halving cost 0.3-0.6 FID at w = 0: the 16-step student
   # 6.90 against 6.33 with it); the halvings to 8 and 4 steps, which cost the most, train
-  # longer; a quarter of each halving's examples at w = 0 exactly, as in stage 1 (the 4-step
-  # student's recall at w = 0, the claim that failed for seed 2: 0.678 -> 0.697 there, 0.699
-  # -> 0.720 for seed 0; it costs w = 1 a little, which the stochastic students carry).
+  # longer (the 32- and 16-step halvings take 60 steps, 150 before: they cost no claim and
+  # save 4 minutes; the unclaimed 2- and 1-step ones 40, 75 before: w = 0 2-step FID
+  # 8.2-8.7); a quarter of each halving's examples at w = 0 exactly, as in stage 1 (the
+  # 4-step student's recall at w = 0, the claim that failed for seed 2: 0.678 -> 0.697 there,
+  # 0.699 -> 0.720 for seed 0; it costs w = 1 a little, which the stochastic students carry).
   # docs/teacher.md has the measurements.
-  c.stage2.update(num_steps=150, batch_size=64, learning_rate=2e-4, warmup_steps=0,
+  c.stage2.update(num_steps=60, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                   lr_decay='linear', checkpoint_every=50, start_steps=64, min_steps=1,
                   time_grid='deterministic', w_balance=True, w_min_frac=0.25,
-                  num_steps_for=((8, 400), (4, 300), (2, 75), (1, 75)))
+                  num_steps_for=((8, 400), (4, 300), (2, 40), (1, 40)))
   # The stochastic sampler's own students at 8 and 4 steps (the paper's second sampler, its
   # stage2s_n0004 / stage2s_n0002 phases): copies of the 4- and 2-step DDIM students, 150
   # steps each at lr 5e-5 on the stochastic sampler's grid against the 8- and 4-step DDIM
   # students. They carry w = 1, where they beat DDIM at equal network evaluations (8 steps:
-  # FID 17.30 against 17.97 for seed 0, 17.16 against 17.77 for seed 2).
+  # FID 17.30 against 17.97 for seed 0, 17.16 against 17.77 for seed 2). At 100 steps each
+  # seed 2's 4-step one lost its w = 1 recall claim (0.516 against >= 0.538).
   c.stage2.stochastic.update(sampler_steps=(8, 4), batch_size=64, checkpoint_every=50)
   # Guided consistency distillation (stage `consistency`, beside or instead of stage2):
-  # from stage 1, with stage 1's own guided DDIM step (2/64) as the solver, the budget of
-  # the halvings above (1150 steps of 64 images), w drawn as in stage 1 and balanced as in
-  # stage 2; multistep consistency sampling at 1, 2, 4 and 8 steps.
+  # from stage 1, with stage 1's own guided DDIM step (2/64) as the solver, about the budget
+  # of the halvings and stochastic students above (1150 steps of 64 images against 900 +
+  # 300), w drawn as in stage 1 and balanced as in stage 2; multistep consistency sampling
+  # at 1, 2, 4 and 8 steps.
   c.consistency.update(num_steps=1150, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                        lr_decay='linear', checkpoint_every=50, ema_decay=0.95,
                        solver='stage1', init='stage1', grid_steps=64, skip=2,
@@ -79,10 +85,11 @@ def get_config():
   c.samples.update(per_class=8, teacher_steps=64, teacher_w=1.0, student_w=(0.0, 1.0, 4.0))
   # The stage-1 model encodes with 32 DDIM steps and the 4- and 8-step students decode
   # (distilling the encoder 32 -> 16 -> 8 -> 4 cost about 7 minutes on the 2-core CPU:
-  # translate.distill_encoder=True).
+  # translate.distill_encoder=True). Its quality rows score 50 images per pair (100 cost 2
+  # more minutes; the target-class rates stay 0.98-1.00).
   c.translate.update(distill_encoder=False, encode_steps=32, w=1.0, encode_w=0.0,
                      pairs=((7, 9), (6, 0)), num_per_pair=8, ddim_steps=64,
-                     distilled_steps=(4, 8), quality_per_pair=100)
+                     distilled_steps=(4, 8), quality_per_pair=50)
   c.translate.encoder.update(num_steps=100, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                              lr_decay='linear', checkpoint_every=50)
   # Evaluation: the teacher's rows ship measured (below), so the sweep samples the students:
