@@ -373,8 +373,10 @@ class ModelStore:
             'num_classes': self.num_classes, 'mean_type': self.mean_type, 'use_w': use_w,
             **self.codec_meta()}
 
-  def load(self, phase: str) -> Model:
-    """The sampling parameters (EMA if kept) of a finished phase, with its network."""
+  def load(self, phase: str, *, purpose: str = '') -> Model:
+    """The sampling parameters (EMA if kept) of a finished phase, with its network.
+    ``purpose`` (e.g. 'eval') starts the console line, so that a run loading one model for
+    two jobs does not print the same line twice."""
     parsed = run_plan.parse_phase_name(phase)
     if parsed is None:
       raise CheckpointError(f'{phase!r} is not a phase name (expected teacher, stage1, '
@@ -405,7 +407,8 @@ class ModelStore:
     else:
       params, meta = checkpoint.load_eval_params(directory, self.abstract_params(use_w=use_w),
                                                  expect=self.expected_meta(use_w=use_w))
-    log(f'loaded {phase} from {directory} ({param_count(params) / 1e6:.2f}M parameters)')
+    log(f'{purpose + ": " if purpose else ""}loaded {phase} from {directory} '
+        f'({param_count(params) / 1e6:.2f}M parameters)')
     return Model(phase=phase, net=self.denoiser(use_w=use_w), params=params, meta=meta,
                  mode=_mode(phase, use_w))
 

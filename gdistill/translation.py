@@ -165,7 +165,7 @@ class Translator:
 
   def model(self, phase: str):
     if phase not in self._models:
-      self._models[phase] = self.work.load(phase)
+      self._models[phase] = self.work.load(phase, purpose='translate')
     return self._models[phase]
 
   def __call__(self, route: Route, x: np.ndarray, source: int, target: int) -> np.ndarray:

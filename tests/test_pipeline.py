@@ -364,6 +364,19 @@ def test_smoke_run_console_shows_each_gdistill_line_once(smoke_run):
   assert text.count('] done: ') == 1 and out[-1] == f'done: {workdir}'
 
 
+def test_one_model_loaded_for_two_jobs_prints_two_different_lines(smoke_run, capsys):
+  """The main command's eval and translate stages load the same students: each says which
+  job it loads for, so the terminal has no line twice."""
+  from gdistill.model_store import ModelStore  # pylint: disable=g-import-not-at-top
+  store = ModelStore.open(smoke_run['workdir'], _smoke_config())
+  capsys.readouterr()
+  for purpose in ('eval', 'translate'):
+    store.load('stage2_n0002', purpose=purpose)
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split(' from ')[0] for l in lines] == ['eval: loaded stage2_n0002',
+                                                  'translate: loaded stage2_n0002'], lines
+
+
 @pytest.mark.slow
 def test_rerun_of_finished_run_changes_nothing(smoke_run, fashion_data_dir, tmp_path):
   """Rerunning the same command loads every finished phase and writes nothing new."""

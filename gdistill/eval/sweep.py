@@ -126,7 +126,7 @@ class _Params:
   def get(self, phase: str):
     if phase != self._phase:
       self._params = None
-      self._params = self.store.load(phase).params
+      self._params = self.store.load(phase, purpose='eval').params
       self._phase = phase
     return self._params
 
