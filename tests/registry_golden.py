@@ -36,18 +36,24 @@ _PIXEL_RECIPE = {'stage2.w_min_frac': 0.0, 'stage2.stochastic.sampler_steps': ()
 SINCE_GOLDEN = {'fashion_mnist': _PIXEL_RECIPE, 'fashion_mnist_teacher': _PIXEL_RECIPE}
 
 
-def load_config(repo: str, name: str):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}',
-                                                os.path.join(repo, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+def put_back(c, name: str):
+  """``c`` (config ``name``) with SINCE_GOLDEN's values in place of today's."""
   for key, value in SINCE_GOLDEN.get(name, {}).items():
     *parents, leaf = key.split('.')
     section = c
     for part in parents:
       section = section[part]
     section[leaf] = value
+  return c
+
+
+def load_config(repo: str, name: str):
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}',
+                                                os.path.join(repo, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  put_back(c, name)
   c.stages = ALL_STAGES
   c.translate.distill_encoder = True
   c.track.enabled = True

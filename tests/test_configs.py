@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+import registry_golden
+
 from gdistill import config_validation, networks, run_setup, sharding, train, workdir
 from gdistill.data import ImageSource
 from gdistill.models import dit
@@ -259,17 +261,9 @@ def test_latent_configs_name_the_shipped_autoencoder_and_fit_its_latents(name):
   assert not codec.is_identity and codec.model_shape() == SHAPES[name][0]
   pixel = load_config('fashion_mnist')
   # The pixel default's pipeline, so the two reports compare, less what the pixel default
-  # changed after the latent measurement.
-  since = {'stage1': {'num_steps': 1600},
-           'stage2': {'w_min_frac': 0.0, 'num_steps': 150,
-                      'num_steps_for': ((8, 400), (4, 300), (2, 75), (1, 75))},
-           'translate': {'quality_per_pair': 100}}
+  # changed after the latent measurement (the registry golden's list of those changes).
+  before = registry_golden.put_back(copy.deepcopy(pixel), 'fashion_mnist')
   for key in ('stages', 'stage1', 'stage2', 'translate'):
     if name == 'fashion_mnist_latent':
-      want = copy.deepcopy(pixel[key])
-      if key in since:
-        want.update(since[key])
-      if key == 'stage2':
-        want.stochastic.sampler_steps = ()
-      assert config[key] == want, key
+      assert config[key] == before[key], key
   assert config.eval.num_samples == pixel.eval.num_samples
