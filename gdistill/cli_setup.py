@@ -6,7 +6,9 @@ batch split across them was measured 1.3-1.5x faster (ENVIRONMENT.md;
 ``benchmarks/cpu_devices.py`` measures it again). So, unless the user set it
 (``GDISTILL_CPU_DEVICES=n``, or the XLA flag itself), we ask XLA for one CPU
 device per usable core (``taskset``/cpuset aware, at most 8). On machines with
-accelerators the CPU devices are unused, so this is harmless.
+accelerators the CPU devices are unused, so this is harmless. A gdistill command
+(``python -m gdistill.X``) also re-runs itself once with glibc's malloc mapping large
+blocks on huge pages (``malloc_env``: the CPU's training steps 1.2x faster).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import sys
 
 ENV_CPU_DEVICES = 'GDISTILL_CPU_DEVICES'
@@ -37,6 +40,60 @@ def _configure_cpu_devices():
 
 
 _configure_cpu_devices()
+
+ENV_MALLOC = 'GDISTILL_MALLOC'  # '0': leave glibc's malloc as the environment has it
+_HUGETLB = 'glibc.malloc.hugetlb=1'
+
+
+def malloc_env(environ=None, *, glibc: str = '', thp: str = ''):
+  """The environment to re-run this process in, or None to run as is.
+
+  XLA on the CPU allocates each step's temporaries afresh (the stage-1 step of the
+  embedded default: 328 MB), and glibc's malloc serves blocks that large with a fresh
+  mmap each time, so the kernel zeroes and maps them again page by page: 175,000 page
+  faults and 0.47 s of system time per stage-1 step, 1.36 s/step against 1.10 with
+  transparent huge pages for malloc's mappings (glibc 2.35+'s tunable
+  glibc.malloc.hugetlb=1; tcmalloc and jemalloc measured the same, 1.08 and 1.09).
+  Tunables are read when the process starts, hence the re-run. Skipped where it cannot
+  apply (not glibc 2.35+, huge pages off) or the user set it or turned it off.
+  """
+  environ = os.environ if environ is None else environ
+  glibc = glibc or (os.confstr('CS_GNU_LIBC_VERSION') if hasattr(os, 'confstr') else '') or ''
+  if thp == '':
+    try:
+      with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+        thp = f.read()
+    except OSError:
+      thp = '[never]'
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  version = tuple(int(v) for v in re.findall(r'\d+', glibc)[:2])
+  if (environ.get(ENV_MALLOC) == '0' or 'glibc.malloc.hugetlb' in tunables or
+      not glibc.startswith('glibc') or version < (2, 35) or '[never]' in thp):
+    return None
+  return dict(environ, GLIBC_TUNABLES=':'.join(t for t in (tunables, _HUGETLB) if t))
+
+
+def rerun_with_fast_malloc():
+  """Re-runs the command (same interpreter, same arguments) with ``malloc_env``'s
+  tunable, when it applies; nothing has run yet (called before JAX is imported)."""
+  env = malloc_env()
+  if env is None or not getattr(sys, 'orig_argv', None):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError:  # cannot re-run: the slower malloc is still correct
+    pass
+
+
+def _is_gdistill_command() -> bool:
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  return spec is not None and (spec.name or '').startswith('gdistill.')
+
+
+if _is_gdistill_command():
+  rerun_with_fast_malloc()
 
 
 def fail(message: str, code: int = 2):

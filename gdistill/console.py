@@ -158,6 +158,8 @@ def open_log(workdir: str, process_index: int = 0) -> None:
   held, _STATE.held = _STATE.held or [], None
   if process_index == 0:
     _print(f'log: {shown if not shown.startswith(os.pardir) else path}{note}')
+  log_only(f'process: GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r} '
+           f'(gdistill.cli_setup.malloc_env)', logging.INFO)
   for text in held:
     _print(text)
 

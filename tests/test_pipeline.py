@@ -364,6 +364,16 @@ def test_smoke_run_console_shows_each_gdistill_line_once(smoke_run):
   assert text.count('] done: ') == 1 and out[-1] == f'done: {workdir}'
 
 
+def test_the_command_reruns_itself_with_glibcs_huge_page_malloc(smoke_run):
+  """``python -m gdistill.main`` re-runs itself once with glibc.malloc.hugetlb=1 where it
+  applies (cli_setup.malloc_env): the log file says what the run had."""
+  from gdistill import cli_setup  # pylint: disable=g-import-not-at-top
+  env = cli_setup.malloc_env() or os.environ
+  with open(os.path.join(smoke_run['workdir'], 'gdistill.log')) as f:
+    text = f.read()
+  assert f"process: GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r}" in text
+
+
 def test_one_model_loaded_for_two_jobs_prints_two_different_lines(smoke_run, capsys):
   """The main command's eval and translate stages load the same students: each says which
   job it loads for, so the terminal has no line twice."""
