@@ -2,7 +2,8 @@
 built from gdistill's own pieces, timing, the measured machine peak, records.
 
 Import this module before anything imports JAX (it imports
-``gdistill.cli_setup``, which sets the CPU device count).
+``gdistill.cli_setup``, which sets the CPU device count, and a benchmark script re-runs
+itself with the malloc a gdistill command runs with).
 
 The benchmarks feed random batches of the dataset's shape: step and sampler
 speed does not depend on pixel values, and no dataset (nor TensorFlow
@@ -28,7 +29,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from gdistill import cli_setup  # pylint: disable=g-import-not-at-top,unused-import  # before jax
+from gdistill import cli_setup  # pylint: disable=g-import-not-at-top  # before jax
+
+# A benchmark script measures what a gdistill command runs with: glibc's huge-page malloc
+# (cli_setup.malloc_env; GDISTILL_MALLOC=0 measures glibc's defaults). Not when imported
+# by another program (a test).
+if os.path.dirname(os.path.abspath(getattr(sys.modules['__main__'], '__file__', None) or '')) \
+    == os.path.dirname(os.path.abspath(__file__)):
+  cli_setup.rerun_with_fast_malloc()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
