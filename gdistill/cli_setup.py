@@ -51,7 +51,7 @@ def malloc_env(environ=None, *, glibc: str = '', thp: str = ''):
   XLA on the CPU allocates each step's temporaries afresh (the stage-1 step of the
   embedded default: 328 MB), and glibc's malloc serves blocks that large with a fresh
   mmap each time, so the kernel zeroes and maps them again page by page: 175,000 page
-  faults and 0.47 s of system time per stage-1 step, 1.36 s/step against 1.10 with
+  faults and 0.47 s of system time per stage-1 step, 1.33 s/step against 1.09 with
   transparent huge pages for malloc's mappings (glibc 2.35+'s tunable
   glibc.malloc.hugetlb=1; tcmalloc and jemalloc measured the same, 1.08 and 1.09).
   Tunables are read when the process starts, hence the re-run. Skipped where it cannot

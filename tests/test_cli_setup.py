@@ -148,14 +148,13 @@ def test_an_abandoned_orbax_read_is_dropped_others_reported(monkeypatch, where, 
     ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'glibc 2.39', '[always] madvise never',
      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'),
     ({}, 'glibc 2.31', 'always [madvise] never', None),  # no such tunable before 2.35
-    ({}, '', 'always [madvise] never', None),  # not glibc (musl, macOS)
+    ({}, 'musl', 'always [madvise] never', None),  # not glibc (musl, macOS)
     ({}, 'glibc 2.36', 'always madvise [never]', None),  # huge pages off
     ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'glibc 2.36', '[madvise]', None),  # user's
     ({'GDISTILL_MALLOC': '0'}, 'glibc 2.36', '[madvise]', None),  # turned off
 ])
 def test_malloc_env(environ, glibc, thp, want):
-  env = cli_setup.malloc_env(environ, glibc=glibc or 'musl', thp=thp)
+  env = cli_setup.malloc_env(environ, glibc=glibc, thp=thp)
   assert (env and env['GLIBC_TUNABLES']) == want
   if env:
     assert env == {**environ, 'GLIBC_TUNABLES': want}
-
