@@ -4,6 +4,7 @@ import gzip
 import importlib.util
 import os
 import shutil
+import tempfile
 import time
 
 import jax
@@ -163,6 +164,19 @@ def test_unprepared_dataset_is_data_error_without_download(tmp_path,
   assert 'data.download=True' in message
   assert 'data.data_dir' in message
   assert not list(tmp_path.iterdir())  # Nothing written.
+
+
+def test_unprepared_dataset_leaves_no_tfds_scratch_dir(tmp_path, monkeypatch,
+                                                      no_download):
+  # TFDS makes mkdtemp('tfds') for an unprepared dataset's metadata and leaves it.
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  for name in ('fashion_mnist', 'cifar10'):
+    with pytest.raises(data.DataError):
+      data.open_source(name=name, split='train', data_dir=str(tmp_path / 'tfds'),
+                       local_fashion_mnist_dir=str(tmp_path / 'absent'))
+  assert not list(scratch.iterdir())
 
 
 def test_fashion_mnist_without_files_or_data_says_apt_get(tmp_path,

@@ -27,6 +27,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from gdistill.data import tfds_scratch
+
 NAME = 'gdistill_fashion_mnist'
 DEFAULT_SOURCE_DIR = '/usr/share/datasets/fashion-mnist'
 CLASS_NAMES = (
@@ -177,8 +179,9 @@ class GdistillFashionMnist(tfds.core.GeneratorBasedBuilder):
 def make_builder(data_dir: str | None,
                  source_dir: str = DEFAULT_SOURCE_DIR) -> GdistillFashionMnist:
   """Returns the builder writing/reading array_record files under ``data_dir``."""
-  return GdistillFashionMnist(
-      data_dir=data_dir, source_dir=source_dir, file_format='array_record')
+  with tfds_scratch.removed():
+    return GdistillFashionMnist(
+        data_dir=data_dir, source_dir=source_dir, file_format='array_record')
 
 
 @contextlib.contextmanager

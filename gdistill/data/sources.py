@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from gdistill.data import decoded_cache
 from gdistill.data import fashion_mnist_local
+from gdistill.data import tfds_scratch
 
 DEFAULT_FASHION_MNIST_DIR = fashion_mnist_local.DEFAULT_SOURCE_DIR
 # Datasets whose decoded images take less than this are decoded into memory.
@@ -296,7 +297,8 @@ def _builder(name: str, data_dir: str | None,
              **kwargs: Any) -> tfds.core.DatasetBuilder:
   """Returns ``tfds.builder(name)`` (no I/O beyond reading metadata)."""
   try:
-    return tfds.builder(name, data_dir=data_dir, **kwargs)
+    with tfds_scratch.removed():
+      return tfds.builder(name, data_dir=data_dir, **kwargs)
   except (ValueError, KeyError, TypeError, AssertionError) as e:
     raise DataError(f'data.name={name!r} cannot be built by TFDS:'
                     f' {_first_line(e)}') from None
