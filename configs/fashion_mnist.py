@@ -62,9 +62,11 @@ def get_config():
   # 6.90 against 6.33 with it); the halvings to 8 and 4 steps, which cost the most, train
   # longer (the 32- and 16-step halvings take 60 steps, 150 before: they cost no claim and
   # save 4 minutes; the unclaimed 2- and 1-step ones 40, 75 before: w = 0 2-step FID
-  # 8.2-8.7); a quarter of each halving's examples at w = 0 exactly, as in stage 1 (the
-  # 4-step student's recall at w = 0, the claim that failed for seed 2: 0.678 -> 0.697 there,
-  # 0.699 -> 0.720 for seed 0; it costs w = 1 a little, which the stochastic students carry).
+  # 8.2-8.7; 400 and 1200 steps, 28 minutes more, give 7.1-7.5 at 2 steps and 8.4-8.8 at 1,
+  # docs/consistency.md); a quarter of each halving's examples at w = 0 exactly, as in
+  # stage 1 (the 4-step student's recall at w = 0, the claim that failed for seed 2:
+  # 0.678 -> 0.697 there, 0.699 -> 0.720 for seed 0; it costs w = 1 a little, which the
+  # stochastic students carry).
   # docs/teacher.md has the measurements.
   c.stage2.update(num_steps=60, batch_size=64, learning_rate=2e-4, warmup_steps=0,
                   lr_decay='linear', checkpoint_every=50, start_steps=64, min_steps=1,
